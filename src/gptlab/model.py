@@ -1,0 +1,226 @@
+"""The GPT-2 model of the seed notebooks, in plain PyTorch.
+
+Reads top to bottom like the notebooks: config, attention, feed-forward, block, model.
+Parameter names follow the seed (`tok_emb`, `trf_blocks`, `W_query`, ...) so that code
+written against the book keeps working. No Lightning, Hydra or tokenizer imports here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.errors import ConfigError
+
+
+@dataclass
+class GPTConfig:
+    """Model hyperparameters, with the seed's key names (`GPT_CONFIG_124M`)."""
+
+    vocab_size: int
+    context_length: int
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    arch: Literal["gpt", "bigram"] = "gpt"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt", "bigram"):
+            raise ConfigError(f"model.arch={self.arch!r} is unknown: use 'gpt' or 'bigram'.")
+        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{key}={value!r} must be a positive integer.")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(
+                f"model.drop_rate={self.drop_rate!r} must be in [0, 1): 0.0 disables dropout."
+            )
+        if self.emb_dim % self.n_heads:
+            raise ConfigError(
+                f"model.emb_dim={self.emb_dim} is not divisible by model.n_heads={self.n_heads}: "
+                f"each head gets emb_dim / n_heads dimensions, so choose emb_dim as a multiple "
+                f"of n_heads (e.g. {self.emb_dim - self.emb_dim % self.n_heads}) "
+                f"or n_heads as a divisor of emb_dim."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of the positions already decoded, so each new token costs one position.
+
+    Buffers are allocated on first use with room for `max_len` positions, so decoding
+    appends in place instead of concatenating tensors at every step.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self._keys: list[torch.Tensor | None] = [None] * n_layers
+        self._values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values (batch, heads, new, head_dim); return all so far."""
+        if self._keys[layer] is None:
+            shape = (*keys.shape[:2], self.max_len, keys.shape[-1])
+            self._keys[layer] = keys.new_zeros(shape)
+            self._values[layer] = values.new_zeros(shape)
+        end = self.length + keys.shape[2]
+        cached_keys, cached_values = self._keys[layer], self._values[layer]
+        cached_keys[:, :, self.length : end] = keys
+        cached_values[:, :, self.length : end] = values
+        return cached_keys[:, :, :end], cached_values[:, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention computed by PyTorch's fused SDPA kernel."""
+
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.drop_rate = cfg.drop_rate
+        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n_tokens, _ = x.shape
+        return x.view(batch, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        batch, n_tokens, emb_dim = x.shape
+        queries = self._split_heads(self.W_query(x))
+        keys = self._split_heads(self.W_key(x))
+        values = self._split_heads(self.W_value(x))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            keys, values = cache.update(self.layer, keys, values)
+        mask = None
+        if past and n_tokens > 1:
+            # New queries sit at the end of a longer key sequence; SDPA's is_causal aligns
+            # them to the start, so spell the causal mask out.
+            mask = torch.ones(n_tokens, past + n_tokens, dtype=torch.bool, device=x.device)
+            mask = mask.tril(diagonal=past)
+        context = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=mask,
+            dropout_p=self.drop_rate if self.training else 0.0,
+            is_causal=past == 0 and n_tokens > 1,
+        )
+        context = context.transpose(1, 2).reshape(batch, n_tokens, emb_dim)
+        return self.out_proj(context)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP, 4x wide, with GPT-2's tanh-approximated GELU."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(att(norm(x))), then x + drop(ff(norm(x)))."""
+
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim)
+        self.att = MultiHeadAttention(cfg, layer)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token + position embeddings, `n_layers` blocks, final norm, linear head."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.ModuleList(
+            TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)
+        )
+        self.final_norm = nn.LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers, self.cfg.context_length)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for token ids (batch, tokens).
+
+        With a cache, `idx` holds only the new tokens and positions continue after the
+        cached ones; they must still fit in `context_length`.
+        """
+        n_tokens = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + n_tokens > self.cfg.context_length:
+            raise ValueError(
+                f"{start + n_tokens} positions exceed context_length={self.cfg.context_length}: "
+                f"crop the input to the last {self.cfg.context_length} tokens."
+            )
+        positions = torch.arange(start, start + n_tokens, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        for block in self.trf_blocks:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += n_tokens
+        return self.out_head(self.final_norm(x))
+
+
+class BigramModel(nn.Module):
+    """The seed's baseline: each token's logits for the next token are one table row."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_logits = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
+
+    def new_cache(self) -> None:
+        """A bigram looks at one token only, so there is nothing to cache."""
+        return None
+
+    def forward(self, idx: torch.Tensor, cache: None = None) -> torch.Tensor:
+        return self.token_logits(idx)
+
+
+def build_model(cfg: GPTConfig) -> GPTModel | BigramModel:
+    return BigramModel(cfg) if cfg.arch == "bigram" else GPTModel(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters, so a tied embedding/head counts once."""
+    return sum(p.numel() for p in model.parameters())
