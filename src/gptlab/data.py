@@ -1,0 +1,319 @@
+"""Corpora, token streams and the stride windows a GPT trains on.
+
+The flow is corpus text -> tokenizer -> token stream -> train/val split -> windows of
+`context_length` inputs whose targets are the same tokens shifted by one.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gptlab.errors import ConfigError
+from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, build_tokenizer
+
+SOURCES = ("pydocs", "text_files", "hf", "download")
+
+
+@dataclass(frozen=True)
+class DownloadableCorpus:
+    """A public text file, pinned by its sha256 so every user trains on the same bytes."""
+
+    url: str
+    sha256: str
+    filename: str
+
+
+CORPORA: dict[str, DownloadableCorpus] = {
+    "tinyshakespeare": DownloadableCorpus(
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        filename="tinyshakespeare.txt",
+    ),
+    "verdict": DownloadableCorpus(
+        url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
+        sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+        filename="the-verdict.txt",
+    ),
+}
+
+
+def data_dir() -> Path:
+    """Where downloaded corpora are cached: `$GPTLAB_DATA_DIR`, else ~/.cache/gptlab/data."""
+    return Path(os.environ.get("GPTLAB_DATA_DIR", "~/.cache/gptlab/data")).expanduser()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_corpus(corpus: DownloadableCorpus, directory: Path | None = None) -> Path:
+    """The corpus file, downloaded and hash-checked unless a verified copy is cached."""
+    directory = directory or data_dir()
+    target = directory / corpus.filename
+    if target.is_file() and sha256_of(target) == corpus.sha256:
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(corpus.url, timeout=60) as response:
+                shutil.copyfileobj(response, tmp)
+        except OSError as err:
+            os.unlink(tmp.name)
+            raise ConfigError(
+                f"Could not download {corpus.url} ({err}). Without network access, put the file "
+                f"at {target} (sha256 {corpus.sha256}) or set GPTLAB_DATA_DIR to a folder "
+                f"holding {corpus.filename}."
+            ) from None
+    actual = sha256_of(Path(tmp.name))
+    if actual != corpus.sha256:
+        os.unlink(tmp.name)
+        raise ConfigError(
+            f"{corpus.url} has sha256 {actual}, expected {corpus.sha256}: the download is "
+            f"corrupt or the file changed upstream; retry, or place a verified copy at {target}."
+        )
+    os.replace(tmp.name, target)
+    return target
+
+
+def resolve_text_files(path: str | list[str]) -> list[str]:
+    """Files named by a path, a glob or a list of them; an error names what matched nothing."""
+    patterns = [path] if isinstance(path, str) else list(path)
+    if not patterns:
+        raise ConfigError("data.path is empty: give a text file, a glob or a list of files.")
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(str(pattern))))
+        if not matches:
+            raise ConfigError(
+                f"data.path={pattern!r} matches no file (searched from {os.getcwd()}): "
+                f"check the path, or quote a glob such as 'data.path=\"corpus/*.txt\"'."
+            )
+        directories = [m for m in matches if not os.path.isfile(m)]
+        if directories:
+            raise ConfigError(
+                f"data.path={pattern!r} matches {directories[0]!r}, which is not a file: "
+                f"point at text files, e.g. '{directories[0]}/*.txt'."
+            )
+        files.extend(matches)
+    return files
+
+
+def load_text_files(files: list[str]) -> list[str]:
+    """Whole files as documents, through `datasets`' `text` loader."""
+    import datasets
+
+    dataset = datasets.load_dataset(
+        "text", data_files=files, sample_by="document", split="train", keep_in_memory=True
+    )
+    return list(dataset["text"])
+
+
+def load_hf_dataset(name: str, config: str | None, split: str, text_column: str) -> list[str]:
+    import datasets
+
+    dataset = datasets.load_dataset(name, config, split=split)
+    if text_column not in dataset.column_names:
+        raise ConfigError(
+            f"data.text_column={text_column!r} is not a column of {name} ({split}): "
+            f"choose one of {dataset.column_names}."
+        )
+    return list(dataset[text_column])
+
+
+def load_pydocs() -> list[str]:
+    """CPython's own topic documentation: English prose and code that every Python ships."""
+    from pydoc_data.topics import topics
+
+    return list(topics.values())
+
+
+def load_corpus(
+    source: str,
+    path: str | list[str] | None = None,
+    corpus: str | None = None,
+    name: str | None = None,
+    config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+) -> str:
+    """The whole corpus as one string, documents separated by a blank line."""
+    if source == "pydocs":
+        documents = load_pydocs()
+        origin = "pydoc_data.topics"
+    elif source == "text_files":
+        if path is None:
+            raise ConfigError("data=text_files needs data.path=<file, glob or list of files>.")
+        documents = load_text_files(resolve_text_files(path))
+        origin = f"data.path={path!r}"
+    elif source == "hf":
+        if not name:
+            raise ConfigError("data=hf needs data.name=<Hugging Face dataset id>.")
+        documents = load_hf_dataset(name, config, split, text_column)
+        origin = f"Hugging Face dataset {name!r}"
+    elif source == "download":
+        if corpus not in CORPORA:
+            raise ConfigError(f"data.corpus={corpus!r} is unknown: choose one of {list(CORPORA)}.")
+        documents = load_text_files([str(fetch_corpus(CORPORA[corpus]))])
+        origin = f"corpus {corpus!r}"
+    else:
+        raise ConfigError(f"data.source={source!r} is unknown: choose one of {list(SOURCES)}.")
+    text = "\n\n".join(documents)
+    if not text.strip():
+        raise ConfigError(
+            f"The corpus from {origin} is empty ({len(text)} characters): give it some text."
+        )
+    return text
+
+
+def split_tokens(tokens: np.ndarray, train_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first `train_ratio` of the stream for training, the rest for validation."""
+    n_train = int(len(tokens) * train_ratio)
+    return tokens[:n_train], tokens[n_train:]
+
+
+class TokenWindows(Dataset):
+    """Windows of `context_length` tokens every `stride` tokens, targets shifted by one.
+
+    Same windows as the seed's `create_dataloader`: start positions
+    `range(0, len(tokens) - context_length, stride)`.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int) -> None:
+        self.tokens = tokens
+        self.context_length = context_length
+        self.stride = stride
+
+    def __len__(self) -> int:
+        span = len(self.tokens) - self.context_length
+        return 0 if span <= 0 else (span - 1) // self.stride + 1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.stride
+        chunk = torch.from_numpy(
+            self.tokens[start : start + self.context_length + 1].astype(np.int64)
+        )
+        return chunk[:-1], chunk[1:]
+
+
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+class GPTDataModule(L.LightningDataModule):
+    """Loads a corpus, fits the tokenizer, and serves train/val stride windows."""
+
+    def __init__(
+        self,
+        source: str = "pydocs",
+        tokenizer: str = "gpt2",
+        context_length: int = 256,
+        batch_size: int = 8,
+        stride: int | None = None,
+        train_ratio: float = 0.9,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        path: str | list[str] | None = None,
+        corpus: str | None = None,
+        name: str | None = None,
+        config: str | None = None,
+        split: str = "train",
+        text_column: str = "text",
+    ) -> None:
+        super().__init__()
+        stride = context_length if stride is None else stride
+        checks = {
+            "batch_size": (batch_size, batch_size >= 1, "use 1 or more"),
+            "stride": (stride, stride >= 1, "use 1 or more; stride=context_length avoids overlap"),
+            "context_length": (context_length, context_length >= 1, "use 1 or more"),
+            "train_ratio": (train_ratio, 0.0 < train_ratio < 1.0, "use e.g. 0.9"),
+            "num_workers": (num_workers, num_workers >= 0, "use 0 to load in the main process"),
+        }
+        for key, (value, ok, fix) in checks.items():
+            if not ok:
+                raise ConfigError(f"data.{key}={value!r} is out of range: {fix}.")
+        self.corpus_options = {
+            "source": source,
+            "path": path,
+            "corpus": corpus,
+            "name": name,
+            "config": config,
+            "split": split,
+            "text_column": text_column,
+        }
+        self.tokenizer_name = tokenizer
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.stride = stride
+        self.train_ratio = train_ratio
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.tokenizer: GPT2Tokenizer | CharTokenizer | None = None
+        self.train_tokens: np.ndarray | None = None
+        self.val_tokens: np.ndarray | None = None
+
+    def prepare_data(self) -> None:
+        """Download once per node, before any process reads the corpus."""
+        if self.corpus_options["source"] == "download":
+            name = self.corpus_options["corpus"]
+            if name not in CORPORA:
+                raise ConfigError(
+                    f"data.corpus={name!r} is unknown: choose one of {list(CORPORA)}."
+                )
+            fetch_corpus(CORPORA[name])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        text = load_corpus(**self.corpus_options)
+        tokenizer = build_tokenizer(self.tokenizer_name, text)
+        tokens = np.asarray(tokenizer.encode(text), dtype=token_dtype(tokenizer.vocab_size))
+        train, val = split_tokens(tokens, self.train_ratio)
+        needed = self.context_length + 1
+        for split_name, split in (("train", train), ("val", val)):
+            if len(split) < needed:
+                raise ConfigError(
+                    f"The {split_name} split has {len(split):,} tokens (corpus {len(tokens):,} "
+                    f"tokens, data.train_ratio={self.train_ratio}), fewer than the "
+                    f"context_length + 1 = {needed} one window needs: lower "
+                    f"model.context_length, adjust data.train_ratio, or use a larger corpus."
+                )
+        self.tokenizer, self.train_tokens, self.val_tokens = tokenizer, train, val
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_tokens, shuffle=self.shuffle, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_tokens, shuffle=False, drop_last=False)
+
+    def _loader(self, tokens: np.ndarray | None, shuffle: bool, drop_last: bool) -> DataLoader:
+        if tokens is None:
+            raise RuntimeError("GPTDataModule.setup() must run before asking for a dataloader.")
+        return DataLoader(
+            TokenWindows(tokens, self.context_length, self.stride),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
