@@ -1,0 +1,31 @@
+"""What the scripts share: turning user mistakes into one clear message and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from gptlab.errors import ConfigError
+
+T = TypeVar("T")
+
+EXIT_CONFIG_ERROR = 2
+
+
+def exit_on_config_error(task: Callable[..., T]) -> Callable[..., T]:
+    """Print a ConfigError as its message alone and exit 2; HYDRA_FULL_ERROR=1 shows the stack."""
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs) -> T:
+        try:
+            return task(*args, **kwargs)
+        except ConfigError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"Error: {err}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
+
+    return wrapper

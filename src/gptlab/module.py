@@ -1,0 +1,117 @@
+"""The LightningModule: next-token cross-entropy, perplexity, AdamW and its schedule."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from gptlab.errors import ConfigError
+from gptlab.model import GPTConfig, build_model
+from gptlab.tokenizers import tokenizer_from_dict
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position of every window (the seed's flattened form)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_optimizer(optimizer: dict[str, Any]) -> None:
+    lr = optimizer["lr"]
+    if not lr > 0:
+        raise ConfigError(f"optimizer.lr={lr!r} must be positive, e.g. 4e-4.")
+    if optimizer.get("weight_decay", 0.0) < 0:
+        raise ConfigError(f"optimizer.weight_decay={optimizer['weight_decay']!r} must be >= 0.")
+    if optimizer.get("warmup_steps", 0) < 0:
+        raise ConfigError(f"optimizer.warmup_steps={optimizer['warmup_steps']!r} must be >= 0.")
+    schedule = optimizer.get("schedule", "constant")
+    if schedule not in ("constant", "cosine"):
+        raise ConfigError(f"optimizer.schedule={schedule!r} is unknown: use constant or cosine.")
+    min_lr = optimizer.get("min_lr", 0.0)
+    if not 0 <= min_lr <= lr:
+        raise ConfigError(f"optimizer.min_lr={min_lr!r} must be between 0 and optimizer.lr={lr}.")
+
+
+class GPTLightningModule(L.LightningModule):
+    """Wraps a GPTModel; its hyperparameters alone rebuild the model and tokenizer."""
+
+    def __init__(self, model: dict[str, Any], optimizer: dict[str, Any], tokenizer: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        check_optimizer(optimizer)
+        self.config = GPTConfig(**model)
+        self.tokenizer = tokenizer_from_dict(tokenizer)
+        if self.config.vocab_size != self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.config.vocab_size} does not match the "
+                f"{self.tokenizer.name} tokenizer's {self.tokenizer.vocab_size} tokens: set "
+                f"model.vocab_size={self.tokenizer.vocab_size}, or null to follow the tokenizer."
+            )
+        self.model = build_model(self.config)
+        self._val_totals: list[torch.Tensor] = []
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        inputs, targets = batch
+        loss = next_token_loss(self.model(inputs), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        loss = next_token_loss(self.model(inputs), targets)
+        n_targets = torch.tensor(targets.numel(), device=loss.device, dtype=torch.float64)
+        self._val_totals.append(torch.stack([loss.detach().double() * n_targets, n_targets]))
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted mean over every batch and every rank; the perplexity is exp of that
+        # mean, not a mean of per-batch perplexities.
+        totals = torch.stack(self._val_totals).sum(dim=0)
+        self._val_totals.clear()
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss = (totals[0] / totals[1]).float()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp())
+
+    def configure_optimizers(self):
+        opt = self.hparams.optimizer
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=opt["lr"],
+            betas=tuple(opt.get("betas", (0.9, 0.999))),
+            weight_decay=opt.get("weight_decay", 0.0),
+        )
+        cosine = opt.get("schedule", "constant") == "cosine"
+        total_steps = self.trainer.estimated_stepping_batches if cosine else 0
+        if not math.isfinite(total_steps):
+            raise ConfigError(
+                "optimizer.schedule=cosine needs a finite run: set trainer.max_steps "
+                "or trainer.max_epochs."
+            )
+        schedule = partial(
+            lr_multiplier,
+            warmup_steps=opt.get("warmup_steps", 0),
+            total_steps=int(total_steps),
+            min_lr_ratio=opt.get("min_lr", 0.0) / opt["lr"] if cosine else 1.0,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Named "lr" so LearningRateMonitor logs the scalar under exactly that tag.
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+        }

@@ -1,0 +1,149 @@
+"""One training run from a composed config: validate, load data, fit, report.
+
+Shared by `scripts/train.py` and the tests, so both exercise the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gptlab.data import GPTDataModule
+from gptlab.errors import ConfigError
+from gptlab.generation import encode_prompt, generate
+from gptlab.model import GPTConfig, count_parameters
+from gptlab.module import GPTLightningModule, check_optimizer
+from gptlab.tokenizers import TOKENIZER_NAMES, GPT2Tokenizer
+
+log = logging.getLogger(__name__)
+
+MODEL_KEYS = {field.name for field in dataclasses.fields(GPTConfig)}
+RUN_MODEL_KEYS = {"tokenizer"}
+
+
+def model_settings(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """GPTConfig arguments from the `model` group; a null vocab_size follows the tokenizer."""
+    settings = {key: value for key, value in model.items() if key not in RUN_MODEL_KEYS}
+    unknown = sorted(set(settings) - MODEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"model.{unknown[0]} is not a model setting: use one of "
+            f"{', '.join(sorted(MODEL_KEYS | RUN_MODEL_KEYS))}."
+        )
+    if settings.get("vocab_size") is None:
+        settings["vocab_size"] = vocab_size
+    return settings
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what can be checked without data, so mistakes cost seconds, not a data load."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("tokenizer") not in TOKENIZER_NAMES:
+        raise ConfigError(
+            f"model.tokenizer={model.get('tokenizer')!r} is unknown: use one of "
+            f"{', '.join(TOKENIZER_NAMES)}."
+        )
+    GPTConfig(**model_settings(model, vocab_size=1))
+    if model["tokenizer"] == "gpt2" and model.get("vocab_size") is not None:
+        vocab_size = GPT2Tokenizer().vocab_size
+        if model["vocab_size"] != vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={model['vocab_size']} does not match the gpt2 tokenizer's "
+                f"{vocab_size} tokens: set model.vocab_size={vocab_size}."
+            )
+    check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file: give a .ckpt to resume.")
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`auto`: bf16 mixed precision where the GPU supports it, full fp32 elsewhere."""
+    if str(precision) != "auto":
+        return precision
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options["precision"] = resolve_precision(
+        options.get("precision", "auto"), options["accelerator"]
+    )
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
+    return L.Trainer(**options, callbacks=callbacks, logger=loggers or False)
+
+
+def best_val_loss(trainer: L.Trainer) -> float:
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    return float(trainer.callback_metrics.get("val/loss", float("nan")))
+
+
+def run(cfg: DictConfig) -> float:
+    """Train as `cfg` says and return the metric sweepers minimise (best val loss)."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = GPTDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    tokenizer = datamodule.tokenizer
+    prompt = encode_prompt(tokenizer, cfg.prompt)
+    module = GPTLightningModule(
+        model=model_settings(OmegaConf.to_container(cfg.model, resolve=True), tokenizer.vocab_size),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        tokenizer=tokenizer.to_dict(),
+    )
+    log.info(
+        "Model: %s parameters; tokenizer %s with %s tokens; %s train and %s val tokens",
+        f"{count_parameters(module.model):,}",
+        tokenizer.name,
+        f"{tokenizer.vocab_size:,}",
+        f"{len(datamodule.train_tokens):,}",
+        f"{len(datamodule.val_tokens):,}",
+    )
+    trainer = build_trainer(cfg)
+    if not cfg.ckpt_path:
+        initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
+        log.info(
+            "Initial val loss %.4f; an untrained model should be near ln(vocab_size) = %.4f",
+            initial,
+            math.log(tokenizer.vocab_size),
+        )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    result = best_val_loss(trainer)
+    if trainer.is_global_zero:
+        report(cfg, trainer, module, prompt, result)
+    return result
+
+
+def report(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: GPTLightningModule,
+    prompt: list[int],
+    result: float,
+) -> None:
+    """What a user wants to see when a run ends: numbers, where things are, a sample."""
+    device = next(module.parameters()).device
+    idx = torch.tensor([prompt], device=device)
+    tokens = generate(
+        module.model, idx, cfg.max_new_tokens, context_length=module.config.context_length
+    )
+    checkpoint = trainer.checkpoint_callback
+    print(f"Best val loss: {result:.4f} (perplexity {math.exp(result):.2f})")
+    if checkpoint is not None:
+        print(f"Best checkpoint: {checkpoint.best_model_path}")
+        print(f"Last checkpoint: {checkpoint.dirpath}/last.ckpt")
+    print(f"TensorBoard: tensorboard --logdir {cfg.paths.output_dir}/tensorboard")
+    print(f"Greedy continuation of {cfg.prompt!r}:")
+    print(module.tokenizer.decode(tokens[0].tolist()))
