@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.errors import ConfigError
+from gptlab.flops import training_flops_per_batch
 from gptlab.model import GPTConfig, build_model
 from gptlab.tokenizers import tokenizer_from_dict
 
@@ -60,6 +61,8 @@ class GPTLightningModule(L.LightningModule):
                 f"model.vocab_size={self.tokenizer.vocab_size}, or null to follow the tokenizer."
             )
         self.model = build_model(self.config)
+        # Read by ThroughputMonitor after each batch to report FLOPs/s and MFU.
+        self.flops_per_batch: int | None = None
         self._val_totals: list[torch.Tensor] = []
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -67,6 +70,8 @@ class GPTLightningModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         inputs, targets = batch
+        if self.flops_per_batch is None:
+            self.flops_per_batch = training_flops_per_batch(self.config, *inputs.shape)
         loss = next_token_loss(self.model(inputs), targets)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
