@@ -297,6 +297,13 @@ class GPTDataModule(L.LightningDataModule):
                     f"context_length + 1 = {needed} one window needs: lower "
                     f"model.context_length, adjust data.train_ratio, or use a larger corpus."
                 )
+        train_windows = len(TokenWindows(train, self.context_length, self.stride))
+        if self.drop_last and train_windows < self.batch_size:
+            raise ConfigError(
+                f"The train split makes {train_windows} windows, fewer than "
+                f"data.batch_size={self.batch_size}, so drop_last would leave no batch: lower "
+                f"data.batch_size or data.stride, or set data.drop_last=false."
+            )
         self.tokenizer, self.train_tokens, self.val_tokens = tokenizer, train, val
 
     def train_dataloader(self) -> DataLoader:
