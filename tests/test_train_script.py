@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def test_run_reports_what_the_user_needs(tiny_run: tuple[Path, str]) -> None:
     assert f"tensorboard --logdir {run_dir}" in output
     assert "Every effort moves you" in output
     assert "ln(vocab_size)" in output
+    assert re.search(r"Model: \d{1,3}(,\d{3})+ parameters", output)
 
 
 def test_checkpoint_alone_rebuilds_model_and_tokenizer(tiny_run: tuple[Path, str]) -> None:

@@ -1,0 +1,76 @@
+"""Every shipped config composes and validates; gpt124m really trains through the script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from conftest import CONF_DIR, needs_shared_data, needs_tiktoken, run_script
+from gptlab.train import resolve_precision, validate
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if not p.stem.startswith("_"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@needs_tiktoken
+@pytest.mark.parametrize("model", MODELS)
+def test_model_configs_validate(compose_train_config, model: str) -> None:
+    validate(compose_train_config(f"model={model}"))
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_data_configs_compose_with_the_model_context(compose_train_config, data: str) -> None:
+    cfg = compose_train_config(f"data={data}", "model.context_length=48")
+    assert cfg.data.context_length == 48
+    assert cfg.data.tokenizer == cfg.model.tokenizer
+    assert cfg.data.source in ("pydocs", "text_files", "hf", "download")
+
+
+@needs_tiktoken
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_validate(compose_train_config, experiment: str) -> None:
+    validate(compose_train_config(f"experiment={experiment}"))
+
+
+def test_default_callbacks_and_logger_instantiate(compose_train_config, tmp_path: Path) -> None:
+    cfg = compose_train_config()
+    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
+    assert callbacks["model_checkpoint"].monitor == "val/loss"
+    assert callbacks["model_checkpoint"].save_last
+    logger = instantiate(cfg.logger.tensorboard)
+    assert Path(logger.log_dir) == tmp_path / "tensorboard"
+
+
+def test_auto_precision_is_full_fp32_without_a_gpu() -> None:
+    import torch
+
+    expected = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    assert resolve_precision("auto", "auto") in (expected, "32-true")
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"
+
+
+@pytest.mark.slow
+@needs_tiktoken
+@needs_shared_data
+def test_gpt124m_trains_a_step_through_the_script(tmp_path: Path) -> None:
+    result = run_script(
+        "train.py",
+        "model=gpt124m",
+        "data=verdict",
+        "data.batch_size=1",
+        "trainer=cpu",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        "max_new_tokens=3",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "162,419,712 parameters" in output
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
