@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -201,11 +200,11 @@ def test_failing_trial_is_recorded_and_the_others_still_run(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason='hydra-optuna-sweeper is not installed: pip install -e ".[sweep]"',
-)
 def test_optuna_sweep_completes_within_the_search_space(tmp_path: Path) -> None:
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper",
+        reason='hydra-optuna-sweeper is not installed: pip install -e ".[sweep]"',
+    )
     result = run_script(
         "train.py",
         "hparams_search=optuna",

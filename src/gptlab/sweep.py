@@ -19,7 +19,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import ConfigError
 
@@ -44,7 +44,9 @@ COLUMNS = (
 class RunRecord:
     """What a sweep needs to know about one run; stored as `<run dir>/run_summary.json`."""
 
-    status: str  # running (or killed before it could say otherwise), completed, failed
+    # running (or killed before it could say otherwise), completed, failed; `unknown` is
+    # what a summary shows for a run directory without a record.
+    status: str
     overrides: list[str]
     best_val_loss: float | None = None
     val_ppl: float | None = None
@@ -71,7 +73,10 @@ def read_run_record(run_dir: Path) -> RunRecord:
     """The run's record, or an `unknown` one for a run dir without (not from gptlab's run)."""
     path = run_dir / RUN_RECORD
     if path.is_file():
-        return RunRecord(**json.loads(path.read_text()))
+        # Keys this version does not know (from a newer gptlab) are left out, not an error.
+        known = {field.name for field in dataclasses.fields(RunRecord)}
+        data = json.loads(path.read_text())
+        return RunRecord(**{key: value for key, value in data.items() if key in known})
     return RunRecord(
         status="unknown",
         overrides=hydra_overrides(run_dir),
@@ -80,11 +85,9 @@ def read_run_record(run_dir: Path) -> RunRecord:
 
 
 def hydra_overrides(run_dir: Path) -> list[str]:
-    """The overrides Hydra saved for a run, without needing YAML for a list of strings."""
+    """The overrides Hydra saved for a run."""
     path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    return [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("- ")]
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -141,8 +144,9 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             key: value for key, value in map(split_override, record.overrides) if key in swept
         }
         # A sweep of one run, or of repeats, changed nothing: then show every override.
-        shown = [o for o in record.overrides if split_override(o)[0] in swept] if swept else None
-        row["overrides"] = " ".join(record.overrides if shown is None else shown)
+        shown = [o for o in record.overrides if split_override(o)[0] in swept or not swept]
+        row["shown_overrides"] = shown
+        row["overrides"] = " ".join(shown)
         rows.append(row)
 
     def rank(row: dict[str, Any]) -> tuple[bool, float]:
@@ -181,7 +185,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("rank", *COLUMNS)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, row in enumerate(rows, start=1):
-        shown = {**row, "overrides": " ".join(map(short_override, row["overrides"].split()))}
+        shown = {**row, "overrides": " ".join(map(short_override, row["shown_overrides"]))}
         cells = [str(rank)] + [format_cell(shown[c]).replace("|", r"\|") for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
