@@ -22,16 +22,21 @@ from gptlab.model import GPTConfig, build_model, count_parameters
 from gptlab.sweep import RUN_RECORD
 from gptlab.train import run
 
-STEPS = 20
+STEPS = 10
+VAL_EVERY = 5
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DictConfig, float]:
-    """One in-process run of 20 steps, validated at steps 0, 10 and 20."""
+    """One in-process run of STEPS steps, validated at step 0 and every VAL_EVERY steps."""
     run_dir = tmp_path_factory.mktemp("run")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        overrides = [*TINY_RUN, f"trainer.max_steps={STEPS}", "trainer.val_check_interval=10"]
+        overrides = [
+            *TINY_RUN,
+            f"trainer.max_steps={STEPS}",
+            f"trainer.val_check_interval={VAL_EVERY}",
+        ]
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     GlobalHydra.instance().clear()
     with open_dict(cfg):
@@ -75,7 +80,7 @@ def test_text_tab_has_a_sample_of_the_prompt_at_every_validation(
 ) -> None:
     _, cfg, _ = tiny_run
     samples = events.Tensors("sample/text_summary")
-    assert [s.step for s in samples] == [0, 10, 20]
+    assert [s.step for s in samples] == list(range(0, STEPS + 1, VAL_EVERY))
     for sample in samples:
         text = tensor_util.make_ndarray(sample.tensor_proto).item().decode()
         assert f"    {cfg.prompt}" in text
@@ -128,7 +133,7 @@ def test_recorded_losses_match_the_logged_ones_and_travel_in_checkpoints(
     assert [step for _, step, _ in train] == list(range(1, STEPS + 1))
     for event in events.Scalars("train/loss"):
         assert train[event.step][2] == pytest.approx(event.value)
-    assert [step for _, step, _ in state["val_losses"]] == [0, 10, 20]
+    assert [step for _, step, _ in state["val_losses"]] == list(range(0, STEPS + 1, VAL_EVERY))
     val_logged = {e.value for e in events.Scalars("val/loss")}
     for _, _, loss in state["val_losses"]:
         assert any(loss == pytest.approx(v) for v in val_logged)
