@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from matplotlib.image import imread
+from omegaconf import open_dict
 
 from conftest import TINY_RUN, run_script
+from gptlab.cli import EXIT_CONFIG_ERROR, exit_on_config_error
 from gptlab.errors import ConfigError
 from gptlab.sweep import (
     RUN_RECORD,
@@ -116,6 +119,30 @@ def test_unknown_optimized_metric_is_rejected_before_training(compose_train_conf
     cfg = compose_train_config(*TINY_RUN, "optimized_metric=val/acc")
     with pytest.raises(ConfigError, match=r"optimized_metric='val/acc'.*val/loss"):
         validate(cfg)
+
+
+def test_config_error_ends_a_single_run_but_only_fails_its_job_in_a_sweep(
+    compose_train_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    @exit_on_config_error
+    def task() -> None:
+        raise ConfigError("model.n_heads=3 does not divide model.emb_dim=32")
+
+    with pytest.raises(SystemExit) as exit_info:
+        task()
+    assert exit_info.value.code == EXIT_CONFIG_ERROR
+    cfg = compose_train_config()
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        # An Exception, not SystemExit: Hydra's job runner records it and the sweep goes on.
+        with pytest.raises(ConfigError, match=r"model\.n_heads=3"):
+            task()
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_failed_run_leaves_a_record_with_its_error(compose_train_config, tmp_path: Path) -> None:
