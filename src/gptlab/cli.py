@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from gptlab.errors import ConfigError
 
@@ -14,15 +18,29 @@ T = TypeVar("T")
 
 EXIT_CONFIG_ERROR = 2
 
+log = logging.getLogger(__name__)
+
+
+def in_multirun() -> bool:
+    """Whether this is one job of a Hydra sweep (`-m`)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
 
 def exit_on_config_error(task: Callable[..., T]) -> Callable[..., T]:
-    """Print a ConfigError as its message alone and exit 2; HYDRA_FULL_ERROR=1 shows the stack."""
+    """Print a ConfigError as its message alone and exit 2; HYDRA_FULL_ERROR=1 shows the stack.
+
+    In a Hydra multirun the error is logged and re-raised instead: Hydra then records that
+    one job as failed and runs the others, where `sys.exit` would end the whole sweep.
+    """
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs) -> T:
         try:
             return task(*args, **kwargs)
         except ConfigError as err:
+            if in_multirun():
+                log.error("%s", err)
+                raise
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"Error: {err}", file=sys.stderr)

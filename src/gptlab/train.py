@@ -8,23 +8,35 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab.callbacks import TrainingCurves
 from gptlab.data import GPTDataModule
 from gptlab.errors import ConfigError
 from gptlab.generation import encode_prompt, generate
 from gptlab.model import GPTConfig, count_parameters
 from gptlab.module import GPTLightningModule, check_optimizer
+from gptlab.sweep import RunRecord, error_line, write_run_record
 from gptlab.tokenizers import TOKENIZER_NAMES, GPT2Tokenizer
 
 log = logging.getLogger(__name__)
 
+# What `run` can return for sweepers to minimise, read from the run's record.
+OPTIMIZED_METRICS: dict[str, Callable[[RunRecord], float]] = {
+    "val/loss": lambda record: record.best_val_loss,
+    "val/ppl": lambda record: record.val_ppl,
+}
+record_run = rank_zero_only(write_run_record)
 MODEL_KEYS = {field.name for field in dataclasses.fields(GPTConfig)}
 RUN_MODEL_KEYS = {"tokenizer"}
 
@@ -60,6 +72,11 @@ def validate(cfg: DictConfig) -> None:
                 f"{vocab_size} tokens: set model.vocab_size={vocab_size}."
             )
     check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    if cfg.optimized_metric not in OPTIMIZED_METRICS:
+        raise ConfigError(
+            f"optimized_metric={cfg.optimized_metric!r} is unknown: use one of "
+            f"{', '.join(OPTIMIZED_METRICS)}."
+        )
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file: give a .ckpt to resume.")
 
@@ -90,7 +107,45 @@ def best_val_loss(trainer: L.Trainer) -> float:
 
 
 def run(cfg: DictConfig) -> float:
-    """Train as `cfg` says and return the metric sweepers minimise (best val loss)."""
+    """Train as `cfg` says and return `cfg.optimized_metric`, which sweepers minimise.
+
+    Leaves `<run dir>/run_summary.json` for sweep summaries, whether the run completes or fails.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    overrides = task_overrides()
+    started = time.perf_counter()
+    record_run(run_dir, RunRecord(status="running", overrides=overrides))
+    try:
+        trainer = fit(cfg)
+    except Exception as err:
+        elapsed = time.perf_counter() - started
+        record = RunRecord("failed", overrides, wall_time_s=elapsed, error=error_line(err))
+        record_run(run_dir, record)
+        raise
+    best = best_val_loss(trainer)
+    curves = next((c for c in trainer.callbacks if isinstance(c, TrainingCurves)), None)
+    record = RunRecord(
+        status="completed",
+        overrides=overrides,
+        best_val_loss=best,
+        val_ppl=math.exp(best) if math.isfinite(best) else best,
+        steps=trainer.global_step,
+        tokens_seen=curves.tokens_seen if curves is not None else None,
+        wall_time_s=time.perf_counter() - started,
+    )
+    record_run(run_dir, record)
+    return OPTIMIZED_METRICS[cfg.optimized_metric](record)
+
+
+def task_overrides() -> list[str]:
+    """This run's command-line overrides (in a sweep: its trial's values)."""
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def fit(cfg: DictConfig) -> L.Trainer:
+    """Validate the config, load the data, validate the untrained model, fit, report."""
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = GPTDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
@@ -120,10 +175,9 @@ def run(cfg: DictConfig) -> float:
             math.log(tokenizer.vocab_size),
         )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    result = best_val_loss(trainer)
     if trainer.is_global_zero:
-        report(cfg, trainer, module, prompt, result)
-    return result
+        report(cfg, trainer, module, prompt, best_val_loss(trainer))
+    return trainer
 
 
 def report(
