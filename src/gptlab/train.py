@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.data import GPTDataModule
 from gptlab.errors import ConfigError
 from gptlab.generation import encode_prompt, generate
+from gptlab.loading import find_initial_weights, load_initial_weights
 from gptlab.model import GPTConfig, count_parameters
 from gptlab.module import GPTLightningModule, check_optimizer
 from gptlab.tokenizers import TOKENIZER_NAMES, GPT2Tokenizer
@@ -62,6 +63,8 @@ def validate(cfg: DictConfig) -> None:
     check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file: give a .ckpt to resume.")
+    if cfg.get("init_from"):
+        find_initial_weights(cfg.init_from)
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
@@ -103,6 +106,9 @@ def run(cfg: DictConfig) -> float:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         tokenizer=tokenizer.to_dict(),
     )
+    if cfg.get("init_from"):
+        load_initial_weights(module.model, cfg.init_from)
+        log.info("Initial weights from %s", cfg.init_from)
     log.info(
         "Model: %s parameters; tokenizer %s with %s tokens; %s train and %s val tokens",
         f"{count_parameters(module.model):,}",
