@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
+
 from gptlab.errors import ConfigError
 
 T = TypeVar("T")
@@ -29,3 +31,13 @@ def exit_on_config_error(task: Callable[..., T]) -> Callable[..., T]:
             sys.exit(EXIT_CONFIG_ERROR)
 
     return wrapper
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is unknown: use auto, cpu, cuda or cuda:N.") from None
