@@ -10,11 +10,14 @@ import torch
 from conftest import needs_shared_data, needs_tiktoken, run_script
 from gptlab.errors import ConfigError
 from gptlab.generation import generate
-from gptlab.loading import load_checkpoint, load_initial_weights
+from gptlab.loading import find_initial_weights, load_checkpoint, load_initial_weights, load_model
 from gptlab.model import GPTConfig, GPTModel
+from gptlab.module import GPTLightningModule
 from gptlab.pretrained import gpt2_weights, load_gpt2, resolve_weights
 
 transformers = pytest.importorskip("transformers")
+
+GPT2_TINY = {"vocab_size": 50257, "n_embd": 16, "n_positions": 16, "n_layer": 2, "n_head": 2}
 
 
 def random_gpt2(seed: int = 0, **sizes) -> transformers.GPT2LMHeadModel:
@@ -91,37 +94,6 @@ def test_greedy_decoding_matches_transformers_generate(tmp_path: Path) -> None:
     assert torch.equal(generate(load_gpt2(str(tmp_path)), prompt, 20), expected)
 
 
-def test_init_from_keeps_the_first_positions_for_a_shorter_context(tmp_path: Path) -> None:
-    hf = random_gpt2()
-    hf.save_pretrained(tmp_path)
-    cfg = GPTConfig(
-        vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=2, qkv_bias=True
-    )
-    model = GPTModel(cfg)
-    load_initial_weights(model, str(tmp_path))
-    assert torch.equal(model.pos_emb.weight, hf.transformer.wpe.weight[:8])
-    idx = random_ids(64, 8)
-    assert (our_logits(model.eval(), idx) - hf_logits(hf, idx)).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"emb_dim": 32}, "model.emb_dim=32"),
-        ({"qkv_bias": False}, "model.qkv_bias=False"),
-        ({"context_length": 32}, "model.context_length=32 is longer"),
-    ],
-)
-def test_init_from_a_different_architecture_is_a_config_error(
-    tmp_path: Path, change: dict, message: str
-) -> None:
-    random_gpt2().save_pretrained(tmp_path)
-    settings = {"vocab_size": 64, "context_length": 16, "emb_dim": 16, "n_heads": 2}
-    cfg = GPTConfig(**{**settings, "n_layers": 2, "qkv_bias": True, **change})
-    with pytest.raises(ConfigError, match=message):
-        load_initial_weights(GPTModel(cfg), str(tmp_path))
-
-
 def test_missing_sources_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_weights(str(tmp_path / "nowhere" / "model.safetensors"))
@@ -155,14 +127,6 @@ def test_missing_and_corrupt_lightning_checkpoints_are_config_errors(tmp_path: P
     torch.save({"weights": torch.zeros(1)}, foreign)
     with pytest.raises(ConfigError, match="not a gptlab checkpoint"):
         load_checkpoint(foreign)
-
-
-@pytest.fixture(scope="module")
-def gpt2_vocab_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random model with GPT-2's 50,257-token vocabulary, so the BPE tokenizer fits."""
-    folder = tmp_path_factory.mktemp("gpt2-tiny")
-    random_gpt2(vocab_size=50257, n_embd=16, n_positions=16).save_pretrained(folder)
-    return folder
 
 
 @needs_tiktoken
@@ -208,3 +172,76 @@ def test_train_script_starts_from_gpt2_weights(gpt2_vocab_folder: Path, tmp_path
     _, pretrained = gpt2_weights(str(gpt2_vocab_folder))
     for name, tensor in trained.state_dict().items():
         torch.testing.assert_close(tensor, pretrained[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_init_from_names_a_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"init_from='.*run\.ckpt' is not a file"):
+        find_initial_weights(str(tmp_path / "run.ckpt"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        find_initial_weights(str(tmp_path / "gpt2-folder" / "model.safetensors"))
+
+
+@pytest.mark.parametrize(("ckpt", "pretrained"), [(None, None), ("last", "gpt2")])
+def test_scripts_need_exactly_one_model(tmp_path: Path, ckpt, pretrained) -> None:
+    with pytest.raises(ConfigError, match="exactly one model"):
+        load_model(ckpt, pretrained, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def gpt2_vocab_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model with GPT-2's 50,257-token vocabulary, so the BPE tokenizer fits."""
+    folder = tmp_path_factory.mktemp("gpt2-tiny")
+    random_gpt2(**GPT2_TINY).save_pretrained(folder)
+    return folder
+
+
+def gptlab_module(tokenizer: dict, **model) -> GPTLightningModule:
+    return GPTLightningModule(model=model, optimizer={"lr": 1e-3}, tokenizer=tokenizer)
+
+
+def tiny_gpt2_module(**changes) -> GPTLightningModule:
+    sizes = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2}
+    settings = {**sizes, "n_layers": 2, "qkv_bias": True, **changes}
+    return gptlab_module({"name": "gpt2"}, **settings)
+
+
+@needs_tiktoken
+def test_init_from_keeps_the_first_positions_for_a_shorter_context(
+    gpt2_vocab_folder: Path,
+) -> None:
+    module = tiny_gpt2_module(context_length=8)
+    load_initial_weights(module, str(gpt2_vocab_folder))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_vocab_folder).eval()
+    assert torch.equal(module.model.pos_emb.weight, hf.transformer.wpe.weight[:8])
+    idx = random_ids(50257, 8)
+    assert (our_logits(module.model.eval(), idx) - hf_logits(hf, idx)).abs().max() < 1e-4
+
+
+@needs_tiktoken
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"emb_dim": 32}, "model.emb_dim=32"),
+        ({"qkv_bias": False}, "model.qkv_bias=False"),
+        ({"context_length": 32}, "model.context_length=32 is longer"),
+    ],
+)
+def test_init_from_a_different_architecture_is_a_config_error(
+    gpt2_vocab_folder: Path, change: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_initial_weights(tiny_gpt2_module(**change), str(gpt2_vocab_folder))
+
+
+def test_init_from_a_checkpoint_with_another_vocabulary_is_a_config_error(tmp_path: Path) -> None:
+    """Same size, other characters: the ids would silently mean other letters."""
+    sizes = {"vocab_size": 3, "context_length": 4, "emb_dim": 8, "n_heads": 2, "n_layers": 1}
+    source = gptlab_module({"name": "char", "chars": "abc"}, **sizes)
+    ckpt = tmp_path / "abc.ckpt"
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": dict(source.hparams)}, ckpt)
+    target = gptlab_module({"name": "char", "chars": "abc"}, **sizes)
+    load_initial_weights(target, str(ckpt))
+    for name, tensor in source.model.state_dict().items():
+        assert torch.equal(target.model.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="char tokenizer on another corpus"):
+        load_initial_weights(gptlab_module({"name": "char", "chars": "abd"}, **sizes), str(ckpt))

@@ -110,19 +110,28 @@ def find_initial_weights(source: str) -> Path:
     return Path(source)
 
 
-def initial_weights(source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """Weights to start training from: a gptlab .ckpt, or GPT-2 weights in Hugging Face format."""
+def initial_weights(source: str) -> tuple[GPTConfig, dict, dict[str, torch.Tensor]]:
+    """Weights to start training from, with their model config and tokenizer: a gptlab
+    .ckpt, or GPT-2 weights in Hugging Face format."""
     if source.endswith(CHECKPOINT_SUFFIX):
         module = load_checkpoint(source, key="init_from")
-        return module.config, module.model.state_dict()
-    return gpt2_weights(source)
+        return module.config, module.tokenizer.to_dict(), module.model.state_dict()
+    config, state = gpt2_weights(source)
+    return config, {"name": GPT2Tokenizer.name}, state
 
 
-def load_initial_weights(model: nn.Module, source: str) -> None:
-    """Copy `source`'s weights into `model`; the architectures must agree, except that a
-    shorter context keeps the first positions of the position embedding."""
-    weights_config, state = initial_weights(source)
-    cfg = model.cfg
+def load_initial_weights(module: GPTLightningModule, source: str) -> None:
+    """Copy `source`'s weights into `module.model`. Architecture and tokenizer must agree,
+    except that a shorter context keeps the first positions of the position embedding."""
+    weights_config, tokenizer, state = initial_weights(source)
+    if tokenizer != module.tokenizer.to_dict():
+        raise ConfigError(
+            f"init_from={source!r} was trained with the {tokenizer['name']} tokenizer"
+            f"{' on another corpus' if tokenizer['name'] == module.tokenizer.name else ''}, so "
+            f"its token ids mean other things than this run's {module.tokenizer.name} tokens: "
+            f"train with model.tokenizer={tokenizer['name']} and the same data."
+        )
+    cfg = module.config
     for field in fields(GPTConfig):
         ours, theirs = getattr(cfg, field.name), getattr(weights_config, field.name)
         if field.name in ("drop_rate", "context_length") or ours == theirs:
@@ -140,4 +149,4 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
         )
     if "pos_emb.weight" in state:
         state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.context_length]
-    model.load_state_dict(state)
+    module.model.load_state_dict(state)

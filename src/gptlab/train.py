@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> float:
         tokenizer=tokenizer.to_dict(),
     )
     if cfg.get("init_from"):
-        load_initial_weights(module.model, cfg.init_from)
+        load_initial_weights(module, cfg.init_from)
         log.info("Initial weights from %s", cfg.init_from)
     log.info(
         "Model: %s parameters; tokenizer %s with %s tokens; %s train and %s val tokens",
