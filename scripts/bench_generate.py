@@ -69,8 +69,8 @@ def main() -> None:
     prompt = torch.tensor([encode_prompt(tokenizer, args.prompt)], device=device)
     print(
         f"{args.model} ({cfg.context_length}-token context), {args.new_tokens} new tokens "
-        f"after a {prompt.shape[1]}-token prompt, on {device} with {torch.get_num_threads()} "
-        f"threads"
+        f"after a {prompt.shape[1]}-token prompt, on {device} "
+        f"(torch threads: {torch.get_num_threads()})"
     )
     generate(model, prompt, 8)  # warm-up: first-call allocations and kernel choices
 

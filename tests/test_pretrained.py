@@ -245,3 +245,11 @@ def test_init_from_a_checkpoint_with_another_vocabulary_is_a_config_error(tmp_pa
         assert torch.equal(target.model.state_dict()[name], tensor), name
     with pytest.raises(ConfigError, match="char tokenizer on another corpus"):
         load_initial_weights(gptlab_module({"name": "char", "chars": "abd"}, **sizes), str(ckpt))
+
+
+def test_gpt2_variants_gptmodel_cannot_compute_are_refused(tmp_path: Path) -> None:
+    hf = random_gpt2()
+    hf.config.scale_attn_by_inverse_layer_idx = True
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx=True"):
+        load_gpt2(str(tmp_path))

@@ -23,6 +23,12 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 GPT2_HEAD_DIM = 64
 # Activations equal to GPTModel's tanh-approximated GELU.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# GPT2Config settings that GPTModel implements only at GPT-2's own values.
+GPT2_FIXED = {
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+}
 
 
 def resolve_weights(source: str) -> Path:
@@ -109,6 +115,12 @@ def gpt2_config(state: dict[str, torch.Tensor], folder: Path) -> GPTConfig:
                 f"{config_file} uses activation_function={activation!r}; GPTModel implements "
                 f"GPT-2's tanh GELU ({', '.join(TANH_GELU)}) only."
             )
+        for key, value in GPT2_FIXED.items():
+            if settings.get(key, value) != value:
+                raise ConfigError(
+                    f"{config_file} sets {key}={settings[key]!r}; GPTModel implements GPT-2's "
+                    f"{key}={value!r} only, so its outputs would differ."
+                )
         n_heads = settings.get("n_head")
     vocab_size, emb_dim = state["wte.weight"].shape
     layers = {int(m.group(1)) for key in state if (m := re.match(r"h\.(\d+)\.", key))}
