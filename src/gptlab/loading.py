@@ -101,7 +101,7 @@ def load_model(ckpt: str | None, pretrained: str | None, log_dir: str | Path) ->
 def find_initial_weights(source: str) -> Path:
     """The file `init_from` names, found (or downloaded) before any data is loaded."""
     if not source.endswith(CHECKPOINT_SUFFIX):
-        return resolve_weights(source)
+        return resolve_weights(source, key="init_from")
     if not Path(source).is_file():
         raise ConfigError(
             f"init_from={source!r} is not a file: give a .ckpt written by scripts/train.py, "
@@ -116,7 +116,7 @@ def initial_weights(source: str) -> tuple[GPTConfig, dict, dict[str, torch.Tenso
     if source.endswith(CHECKPOINT_SUFFIX):
         module = load_checkpoint(source, key="init_from")
         return module.config, module.tokenizer.to_dict(), module.model.state_dict()
-    config, state = gpt2_weights(source)
+    config, state = gpt2_weights(source, key="init_from")
     return config, {"name": GPT2Tokenizer.name}, state
 
 

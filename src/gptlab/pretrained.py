@@ -31,8 +31,9 @@ GPT2_FIXED = {
 }
 
 
-def resolve_weights(source: str) -> Path:
-    """The weights file of a local folder or file, or of a hub id (downloaded, then cached)."""
+def resolve_weights(source: str, key: str = "pretrained") -> Path:
+    """The weights file of a local folder or file, or of a hub id (downloaded, then cached);
+    `key` is the setting that named it, for error messages."""
     path = Path(source).expanduser()
     if path.is_file():
         return path
@@ -41,21 +42,21 @@ def resolve_weights(source: str) -> Path:
             if (path / name).is_file():
                 return path / name
         raise ConfigError(
-            f"pretrained={source!r} is a folder without {' or '.join(WEIGHT_FILES)}: point at a "
+            f"{key}={source!r} is a folder without {' or '.join(WEIGHT_FILES)}: point at a "
             f"folder written by GPT2LMHeadModel.save_pretrained, or at one of those files."
         )
     if path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
-        raise ConfigError(f"pretrained={source!r} does not exist: check the path.")
-    return download_weights(source)
+        raise ConfigError(f"{key}={source!r} does not exist: check the path.")
+    return download_weights(source, key)
 
 
-def download_weights(repo_id: str) -> Path:
+def download_weights(repo_id: str, key: str = "pretrained") -> Path:
     """Fetch config.json and the weights of a hub model such as `gpt2` or `gpt2-medium`."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ConfigError(
-            f"pretrained={repo_id!r} is not a local path, and downloading it needs "
+            f"{key}={repo_id!r} is not a local path, and downloading it needs "
             f"huggingface_hub: pip install huggingface_hub, or give a local folder."
         ) from None
     for name in WEIGHT_FILES:
@@ -63,14 +64,14 @@ def download_weights(repo_id: str) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", name]))
         except Exception as err:
             raise ConfigError(
-                f"pretrained={repo_id!r} is neither a local file or folder nor a model that "
+                f"{key}={repo_id!r} is neither a local file or folder nor a model that "
                 f"could be downloaded from the Hugging Face hub ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}). Check the path or the id, "
                 f"or download it once where there is network access."
             ) from None
         if (folder / name).is_file():
             return folder / name
-    raise ConfigError(f"pretrained={repo_id!r} on the hub has none of {', '.join(WEIGHT_FILES)}.")
+    raise ConfigError(f"{key}={repo_id!r} on the hub has none of {', '.join(WEIGHT_FILES)}.")
 
 
 def read_failure(err: Exception) -> str:
@@ -162,11 +163,11 @@ def to_gptmodel_names(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, 
     return {name: tensor.float().contiguous() for name, tensor in state.items()}
 
 
-def gpt2_weights(source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+def gpt2_weights(source: str, key: str = "pretrained") -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """The model config and GPTModel state dict of a Hugging Face GPT-2 checkpoint."""
-    path = resolve_weights(source)
+    path = resolve_weights(source, key)
     state = {
-        key.removeprefix("transformer."): tensor for key, tensor in read_state_dict(path).items()
+        name.removeprefix("transformer."): tensor for name, tensor in read_state_dict(path).items()
     }
     if "wte.weight" not in state or "wpe.weight" not in state:
         raise ConfigError(
