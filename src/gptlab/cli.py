@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
@@ -47,3 +48,13 @@ def exit_on_config_error(task: Callable[..., T]) -> Callable[..., T]:
             sys.exit(EXIT_CONFIG_ERROR)
 
     return wrapper
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is unknown: use auto, cpu, cuda or cuda:N.") from None

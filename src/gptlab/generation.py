@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import warnings
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -23,14 +25,35 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [tokenizer.eot_id]
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    max_new_tokens: int = 0,
+    num_samples: int = 1,
+) -> None:
     """Reject decoding settings that would silently do something else."""
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} is negative: use 0 for greedy, or > 0.")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k={top_k} must be at least 1, or null to disable it.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1], or null to disable it.")
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ConfigError(
+            f"temperature={temperature!r} must be a number >= 0: use 0 for greedy decoding, "
+            f"or e.g. 0.8 to sample."
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k={top_k!r} must be an integer >= 1, or null to disable it.")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0
+    ):
+        raise ConfigError(f"top_p={top_p!r} must be in (0, 1], e.g. 0.9, or null to disable it.")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples!r} must be an integer >= 1.")
 
 
 def next_token(
@@ -40,7 +63,11 @@ def next_token(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick one token id per row of `logits` (batch, vocab): argmax at temperature 0."""
+    """Pick one token id per row of `logits` (batch, vocab): argmax at temperature 0.
+
+    Otherwise sample from softmax(logits / temperature), restricted to the `top_k` best
+    tokens and then to the smallest set of best tokens whose probability reaches `top_p`.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -57,40 +84,59 @@ def next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator on `device` for repeatable sampling, or None to use torch's global one."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @torch.no_grad()
 def stream_tokens(
     model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
-    context_length: int,
+    context_length: int | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_id: int | None = None,
+    seed: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield each new token column (batch,) as soon as it is chosen.
 
-    The model sees at most the last `context_length` tokens, as in the seed's
-    `generate_text_simple`. The KV cache holds absolute positions, so once a sequence
-    outgrows the context the window is recomputed in full each step: slower, never wrong.
-    Rows that produced `eos_id` keep emitting it; decoding stops when all rows have.
+    The model sees at most the last `context_length` tokens (default: the model's), as in
+    the seed's `generate_text_simple`. The KV cache holds absolute positions, so once a
+    sequence outgrows the context the window is recomputed in full each step: slower,
+    never wrong. Rows that produced `eos_id` keep emitting it; decoding stops when all
+    rows have. `seed` makes sampling repeatable unless a `generator` is given.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    context_length = context_length or model.cfg.context_length
+    if idx.shape[1] > context_length:
+        warnings.warn(
+            f"The prompt has {idx.shape[1]} tokens, more than context_length={context_length}: "
+            f"it is cropped to its last {context_length} tokens.",
+            stacklevel=2,
+        )
+    if max_new_tokens == 0:
+        return
+    generator = generator or seeded_generator(seed, idx.device)
     was_training = model.training
     model.eval()
     try:
         cache = model.new_cache() if use_cache else None
         logits = model(idx[:, -context_length:], cache)[:, -1]
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = next_token(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id
             yield token
-            if eos_id is not None and bool(finished.all()):
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 return
             idx = torch.cat([idx, token[:, None]], dim=1)
             if cache is not None and cache.length < context_length:
@@ -102,7 +148,45 @@ def stream_tokens(
         model.train(was_training)
 
 
-def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-    """`idx` (batch, tokens) followed by up to `max_new_tokens` generated tokens."""
+def generate(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    **options,
+) -> torch.Tensor:
+    """`idx` (batch, tokens) followed by up to `max_new_tokens` generated tokens.
+
+    Each prompt row is repeated `num_samples` times (adjacent rows), so one batch holds
+    several prompts and several samples of each. `options` are those of `stream_tokens`.
+    """
+    check_sampling(
+        options.get("temperature", 0.0),
+        options.get("top_k"),
+        options.get("top_p"),
+        max_new_tokens,
+        num_samples,
+    )
+    idx = idx.repeat_interleave(num_samples, dim=0)
     new = list(stream_tokens(model, idx, max_new_tokens, **options))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """Decoded text as tokens arrive, held back while a character is still incomplete.
+
+    One BPE token can end inside a multi-byte character, which decodes to U+FFFD until
+    the next token completes it, so the text is re-decoded and only new text is yielded.
+    """
+    ids: list[int] = []
+    shown = 0
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[shown:]
+        shown = len(text)
+    text = tokenizer.decode(ids)
+    if len(text) > shown:
+        yield text[shown:]

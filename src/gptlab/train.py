@@ -24,6 +24,7 @@ from gptlab.callbacks import TrainingCurves
 from gptlab.data import GPTDataModule
 from gptlab.errors import ConfigError
 from gptlab.generation import encode_prompt, generate
+from gptlab.loading import find_initial_weights, load_initial_weights
 from gptlab.model import GPTConfig, count_parameters
 from gptlab.module import GPTLightningModule, check_optimizer
 from gptlab.sweep import RunRecord, error_line, write_run_record
@@ -79,6 +80,8 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file: give a .ckpt to resume.")
+    if cfg.get("init_from"):
+        find_initial_weights(cfg.init_from)
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
@@ -158,6 +161,9 @@ def fit(cfg: DictConfig) -> L.Trainer:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         tokenizer=tokenizer.to_dict(),
     )
+    if cfg.get("init_from"):
+        load_initial_weights(module, cfg.init_from)
+        log.info("Initial weights from %s", cfg.init_from)
     log.info(
         "Model: %s parameters; tokenizer %s with %s tokens; %s train and %s val tokens",
         f"{count_parameters(module.model):,}",

@@ -1,0 +1,152 @@
+"""Where a trained model comes from: a gptlab checkpoint or OpenAI's GPT-2 weights.
+
+Scripts that use a model (generate, evaluate, train's `init_from`) go through here, so a
+missing, corrupt or mismatched file gives the same clear message everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptlab.errors import ConfigError
+from gptlab.model import GPTConfig
+from gptlab.module import GPTLightningModule
+from gptlab.pretrained import gpt2_weights, load_gpt2, read_failure, resolve_weights
+from gptlab.tokenizers import GPT2Tokenizer, Tokenizer
+
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the tokenizer its ids belong to."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: GPTConfig
+    source: str
+
+
+def find_last_checkpoint(log_dir: str | Path) -> Path:
+    """The most recently written `last.ckpt` under `log_dir` (Hydra's `outputs/` by default)."""
+    candidates = list(Path(log_dir).glob("**/last.ckpt"))
+    if not candidates:
+        raise ConfigError(
+            f"ckpt=last found no last.ckpt under {Path(log_dir).resolve()}: train a model first "
+            f"(python scripts/train.py), or give ckpt=<path to a .ckpt>."
+        )
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> GPTLightningModule:
+    """The LightningModule saved at `path` (the setting `key`), rebuilt from its own
+    hyperparameters, on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{key}={str(path)!r} is not a file: give the path of a .ckpt written by "
+            f"scripts/train.py (e.g. outputs/<date>/<time>/checkpoints/last.ckpt) or ckpt=last."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"{key}={str(path)!r} could not be read as a checkpoint ({read_failure(err)}): it "
+            f"is corrupt or incomplete; use another checkpoint of the run, e.g. its best-*.ckpt."
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
+        checkpoint
+    ):
+        raise ConfigError(
+            f"{key}={str(path)!r} is not a gptlab checkpoint: it lacks the state_dict and "
+            f"hyper_parameters that scripts/train.py saves."
+        )
+    module = GPTLightningModule(**checkpoint["hyper_parameters"])
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise ConfigError(
+            f"{key}={str(path)!r} does not match the model its hyperparameters describe: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+    return module.eval()
+
+
+def load_model(ckpt: str | None, pretrained: str | None, log_dir: str | Path) -> LoadedModel:
+    """Exactly one of a checkpoint (a path, or `last`) and GPT-2 weights (a folder, file or id)."""
+    if bool(ckpt) == bool(pretrained):
+        raise ConfigError(
+            f"Give exactly one model: ckpt=<path to a .ckpt> or ckpt=last, or "
+            f"pretrained=<GPT-2 folder, file or hub id such as gpt2> "
+            f"(got ckpt={ckpt!r}, pretrained={pretrained!r})."
+        )
+    if ckpt:
+        path = find_last_checkpoint(log_dir) if ckpt == "last" else Path(ckpt)
+        module = load_checkpoint(path)
+        return LoadedModel(module.model, module.tokenizer, module.config, str(path))
+    model = load_gpt2(pretrained)
+    tokenizer = GPT2Tokenizer()
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(
+            f"pretrained={pretrained!r} has a {model.cfg.vocab_size}-token vocabulary, but the "
+            f"GPT-2 tokenizer has {tokenizer.vocab_size} tokens: give GPT-2 weights."
+        )
+    return LoadedModel(model, tokenizer, model.cfg, pretrained)
+
+
+def find_initial_weights(source: str) -> Path:
+    """The file `init_from` names, found (or downloaded) before any data is loaded."""
+    if not source.endswith(CHECKPOINT_SUFFIX):
+        return resolve_weights(source, key="init_from")
+    if not Path(source).is_file():
+        raise ConfigError(
+            f"init_from={source!r} is not a file: give a .ckpt written by scripts/train.py, "
+            f"or GPT-2 weights (a folder, file or hub id such as gpt2)."
+        )
+    return Path(source)
+
+
+def initial_weights(source: str) -> tuple[GPTConfig, dict, dict[str, torch.Tensor]]:
+    """Weights to start training from, with their model config and tokenizer: a gptlab
+    .ckpt, or GPT-2 weights in Hugging Face format."""
+    if source.endswith(CHECKPOINT_SUFFIX):
+        module = load_checkpoint(source, key="init_from")
+        return module.config, module.tokenizer.to_dict(), module.model.state_dict()
+    config, state = gpt2_weights(source, key="init_from")
+    return config, {"name": GPT2Tokenizer.name}, state
+
+
+def load_initial_weights(module: GPTLightningModule, source: str) -> None:
+    """Copy `source`'s weights into `module.model`. Architecture and tokenizer must agree,
+    except that a shorter context keeps the first positions of the position embedding."""
+    weights_config, tokenizer, state = initial_weights(source)
+    if tokenizer != module.tokenizer.to_dict():
+        raise ConfigError(
+            f"init_from={source!r} was trained with the {tokenizer['name']} tokenizer"
+            f"{' on another corpus' if tokenizer['name'] == module.tokenizer.name else ''}, so "
+            f"its token ids mean other things than this run's {module.tokenizer.name} tokens: "
+            f"train with model.tokenizer={tokenizer['name']} and the same data."
+        )
+    cfg = module.config
+    for field in fields(GPTConfig):
+        ours, theirs = getattr(cfg, field.name), getattr(weights_config, field.name)
+        if field.name in ("drop_rate", "context_length") or ours == theirs:
+            continue
+        raise ConfigError(
+            f"init_from={source!r} has {field.name}={theirs!r}, but model.{field.name}={ours!r}: "
+            f"set model.{field.name}={theirs!r} (for OpenAI's weights, pick the matching "
+            f"model=gpt2, gpt2-medium, gpt2-large or gpt2-xl)."
+        )
+    if cfg.context_length > weights_config.context_length:
+        raise ConfigError(
+            f"model.context_length={cfg.context_length} is longer than the "
+            f"{weights_config.context_length} positions of init_from={source!r}: set "
+            f"model.context_length to {weights_config.context_length} or less."
+        )
+    if "pos_emb.weight" in state:
+        state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.context_length]
+    module.model.load_state_dict(state)

@@ -1,0 +1,189 @@
+"""OpenAI's GPT-2 weights, read from a Hugging Face `GPT2LMHeadModel` checkpoint into GPTModel.
+
+Hugging Face stores GPT-2 as OpenAI did: one fused `c_attn` projection for queries, keys
+and values, `Conv1D` layers whose weights are the transpose of `nn.Linear`'s, and an output
+head tied to the token embedding. The tensors are read directly (safetensors or a torch
+state dict), so `transformers` is not needed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from gptlab.errors import ConfigError
+from gptlab.model import GPTConfig, GPTModel
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Every published GPT-2 size uses 64-dimensional heads; used when config.json is missing.
+GPT2_HEAD_DIM = 64
+# Activations equal to GPTModel's tanh-approximated GELU.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# GPT2Config settings that GPTModel implements only at GPT-2's own values.
+GPT2_FIXED = {
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+}
+
+
+def resolve_weights(source: str, key: str = "pretrained") -> Path:
+    """The weights file of a local folder or file, or of a hub id (downloaded, then cached);
+    `key` is the setting that named it, for error messages."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise ConfigError(
+            f"{key}={source!r} is a folder without {' or '.join(WEIGHT_FILES)}: point at a "
+            f"folder written by GPT2LMHeadModel.save_pretrained, or at one of those files."
+        )
+    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        raise ConfigError(f"{key}={source!r} does not exist: check the path.")
+    return download_weights(source, key)
+
+
+def download_weights(repo_id: str, key: str = "pretrained") -> Path:
+    """Fetch config.json and the weights of a hub model such as `gpt2` or `gpt2-medium`."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError(
+            f"{key}={repo_id!r} is not a local path, and downloading it needs "
+            f"huggingface_hub: pip install huggingface_hub, or give a local folder."
+        ) from None
+    for name in WEIGHT_FILES:
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", name]))
+        except Exception as err:
+            raise ConfigError(
+                f"{key}={repo_id!r} is neither a local file or folder nor a model that "
+                f"could be downloaded from the Hugging Face hub ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Check the path or the id, "
+                f"or download it once where there is network access."
+            ) from None
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(f"{key}={repo_id!r} on the hub has none of {', '.join(WEIGHT_FILES)}.")
+
+
+def read_failure(err: Exception) -> str:
+    """Why torch.load or safetensors could not read a file, in one line."""
+    if isinstance(err, pickle.UnpicklingError):
+        return "not a PyTorch file of tensors"
+    first_line = str(err).splitlines()[0] if str(err) else "the file is empty or truncated"
+    return f"{type(err).__name__}: {first_line}"
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a torch state dict, with clear errors for bad files."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ConfigError(
+            f"{path} is a safetensors file: pip install safetensors to read it."
+        ) from None
+    except Exception as err:
+        raise ConfigError(
+            f"{path} could not be read as model weights ({read_failure(err)}): the file is "
+            f"corrupt or incomplete; download or save it again."
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+    return state
+
+
+def gpt2_config(state: dict[str, torch.Tensor], folder: Path) -> GPTConfig:
+    """Sizes from the tensors themselves; the head count from config.json when present."""
+    n_heads = None
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        settings = json.loads(config_file.read_text())
+        activation = settings.get("activation_function", "gelu_new")
+        if activation not in TANH_GELU:
+            raise ConfigError(
+                f"{config_file} uses activation_function={activation!r}; GPTModel implements "
+                f"GPT-2's tanh GELU ({', '.join(TANH_GELU)}) only."
+            )
+        for key, value in GPT2_FIXED.items():
+            if settings.get(key, value) != value:
+                raise ConfigError(
+                    f"{config_file} sets {key}={settings[key]!r}; GPTModel implements GPT-2's "
+                    f"{key}={value!r} only, so its outputs would differ."
+                )
+        n_heads = settings.get("n_head")
+    vocab_size, emb_dim = state["wte.weight"].shape
+    layers = {int(m.group(1)) for key in state if (m := re.match(r"h\.(\d+)\.", key))}
+    return GPTConfig(
+        vocab_size=vocab_size,
+        context_length=state["wpe.weight"].shape[0],
+        emb_dim=emb_dim,
+        n_heads=n_heads or emb_dim // GPT2_HEAD_DIM,
+        n_layers=len(layers),
+        drop_rate=0.0,
+        qkv_bias=True,
+    )
+
+
+def to_gptmodel_names(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPTModel's state dict from GPT-2's: split c_attn, transpose Conv1D, fill the head."""
+    linear = {"weight": lambda w: w.t(), "bias": lambda b: b}  # Conv1D stores (in, out)
+    state = {
+        "tok_emb.weight": hf["wte.weight"],
+        "pos_emb.weight": hf["wpe.weight"][: cfg.context_length],
+        "final_norm.weight": hf["ln_f.weight"],
+        "final_norm.bias": hf["ln_f.bias"],
+        # save_pretrained drops the tied head; older files repeat the embedding.
+        "out_head.weight": hf.get("lm_head.weight", hf["wte.weight"]),
+    }
+    for i in range(cfg.n_layers):
+        h, ours = f"h.{i}.", f"trf_blocks.{i}."
+        for part in ("weight", "bias"):
+            state[f"{ours}norm1.{part}"] = hf[f"{h}ln_1.{part}"]
+            state[f"{ours}norm2.{part}"] = hf[f"{h}ln_2.{part}"]
+            convert = linear[part]
+            query, key, value = convert(hf[f"{h}attn.c_attn.{part}"]).chunk(3, dim=0)
+            state[f"{ours}att.W_query.{part}"] = query
+            state[f"{ours}att.W_key.{part}"] = key
+            state[f"{ours}att.W_value.{part}"] = value
+            state[f"{ours}att.out_proj.{part}"] = convert(hf[f"{h}attn.c_proj.{part}"])
+            state[f"{ours}ff.layers.0.{part}"] = convert(hf[f"{h}mlp.c_fc.{part}"])
+            state[f"{ours}ff.layers.2.{part}"] = convert(hf[f"{h}mlp.c_proj.{part}"])
+    return {name: tensor.float().contiguous() for name, tensor in state.items()}
+
+
+def gpt2_weights(source: str, key: str = "pretrained") -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The model config and GPTModel state dict of a Hugging Face GPT-2 checkpoint."""
+    path = resolve_weights(source, key)
+    state = {
+        name.removeprefix("transformer."): tensor for name, tensor in read_state_dict(path).items()
+    }
+    if "wte.weight" not in state or "wpe.weight" not in state:
+        raise ConfigError(
+            f"{path} is not a GPT-2 checkpoint: it has no wte/wpe embeddings (keys such as "
+            f"{sorted(state)[:3]}). Give a GPT2LMHeadModel folder or weights file."
+        )
+    cfg = gpt2_config(state, path.parent)
+    try:
+        return cfg, to_gptmodel_names(state, cfg)
+    except KeyError as err:
+        raise ConfigError(f"{path} is not a complete GPT-2 checkpoint: {err} is missing.") from None
+
+
+def load_gpt2(source: str) -> GPTModel:
+    """A GPTModel in eval mode holding the GPT-2 weights of a local folder, file or hub id."""
+    cfg, state = gpt2_weights(source)
+    model = GPTModel(cfg)
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,83 @@
+"""scripts/generate.py on a checkpoint trained here: what it prints and how it fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, run_script
+from gptlab.errors import ConfigError
+from gptlab.generation import encode_prompt, generate, stream_tokens
+from gptlab.loading import find_last_checkpoint, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose outputs/ holds one tiny run, as after `python scripts/train.py`."""
+    workdir = tmp_path_factory.mktemp("work")
+    run_dir = workdir / "outputs" / "2026-11-22" / "03-00-00"
+    result = run_script("train.py", *TINY_RUN, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_ckpt_last_prints_the_greedy_continuation(workdir: Path) -> None:
+    result = run_script(
+        "generate.py", "ckpt=last", "prompt='def main'", "max_new_tokens=40", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = find_last_checkpoint(workdir / "outputs")
+    assert ckpt.parent.parent == workdir / "outputs" / "2026-11-22" / "03-00-00"
+    module = load_checkpoint(ckpt)
+    prompt = torch.tensor([encode_prompt(module.tokenizer, "def main")])
+    expected = module.tokenizer.decode(generate(module.model, prompt, 40)[0].tolist())
+    assert result.stdout == expected + "\n"
+    assert str(ckpt.relative_to(workdir)) in result.stderr, "says which checkpoint it used"
+
+
+def test_seeded_samples_are_repeatable(workdir: Path) -> None:
+    ckpt = find_last_checkpoint(workdir / "outputs")
+    settings = {"temperature": 0.8, "top_k": 10, "top_p": 0.95}
+    result = run_script(
+        "generate.py",
+        f"ckpt={ckpt}",
+        "prompt=class",
+        "max_new_tokens=30",
+        "num_samples=2",
+        "seed=5",
+        *(f"{key}={value}" for key, value in settings.items()),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module = load_checkpoint(ckpt)
+    prompt = torch.tensor([encode_prompt(module.tokenizer, "class")])
+    generator = torch.Generator().manual_seed(5)
+    expected = ""
+    for sample in (1, 2):
+        tokens = stream_tokens(module.model, prompt, 30, generator=generator, **settings)
+        text = module.tokenizer.decode(int(token[0]) for token in tokens)
+        expected += f"--- sample {sample} of 2 ---\nclass{text}\n"
+    assert result.stdout == expected
+
+
+def test_corrupt_checkpoint_is_one_clear_line(tmp_path: Path) -> None:
+    corrupt = tmp_path / "last.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 cut off mid-write")
+    result = run_script("generate.py", f"ckpt={corrupt}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"ckpt='{corrupt}' could not be read as a checkpoint" in result.stderr
+
+
+def test_ckpt_last_without_runs_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ckpt=last found no last\.ckpt"):
+        find_last_checkpoint(tmp_path / "outputs")
+
+
+def test_char_checkpoint_names_unknown_characters(workdir: Path) -> None:
+    module = load_checkpoint(find_last_checkpoint(workdir / "outputs"))
+    with pytest.raises(ConfigError, match="'€→'"):
+        encode_prompt(module.tokenizer, "price: 5€ → 6€")
+    with pytest.raises(ConfigError, match="empty prompt"):
+        encode_prompt(module.tokenizer, "")
