@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,6 +20,7 @@ from gptlab.errors import ConfigError
 from gptlab.generation import encode_prompt, generate
 from gptlab.model import GPTConfig, count_parameters
 from gptlab.module import GPTLightningModule, check_optimizer
+from gptlab.resume import check_checkpoint_fits, checkpoint_to_resume
 from gptlab.tokenizers import TOKENIZER_NAMES, GPT2Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ def validate(cfg: DictConfig) -> None:
                 f"{vocab_size} tokens: set model.vocab_size={vocab_size}."
             )
     check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file: give a .ckpt to resume.")
+    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
+    if ckpt_path:
+        check_checkpoint_fits(ckpt_path, model)
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
@@ -112,14 +113,15 @@ def run(cfg: DictConfig) -> float:
         f"{len(datamodule.val_tokens):,}",
     )
     trainer = build_trainer(cfg)
-    if not cfg.ckpt_path:
+    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
+    if not ckpt_path:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
         log.info(
             "Initial val loss %.4f; an untrained model should be near ln(vocab_size) = %.4f",
             initial,
             math.log(tokenizer.vocab_size),
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     result = best_val_loss(trainer)
     if trainer.is_global_zero:
         report(cfg, trainer, module, prompt, result)
