@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, TIKTOKEN_CACHE, TINY_RUN, run_script
+from gptlab.data import check_utf8
+from gptlab.errors import ConfigError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_HYDRA_ERROR = 1
@@ -260,3 +262,21 @@ def test_bad_input_fails_with_a_clear_message(
         # A resume records its own config next to the run's first one, never over it.
         added = [path for path in added if not path.startswith(".hydra/resume-")]
     assert not added, f"files were added to the earlier run: {added}"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 1 << 20])
+def test_utf8_check_reports_the_byte_offset_across_chunk_boundaries(
+    tmp_path: Path, chunk_size: int
+) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("naïve café — 日本語\n" * 50, encoding="utf-8")
+    check_utf8(str(good), chunk_size)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("日本語".encode() + LATIN1_BYTES)
+    offset = len("日本語".encode()) + LATIN1_OFFSET
+    with pytest.raises(ConfigError, match=rf"bad\.txt is not UTF-8 text: byte {offset} "):
+        check_utf8(str(bad), chunk_size)
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("abc日".encode()[:-1])
+    with pytest.raises(ConfigError, match="ends inside a character at byte 3"):
+        check_utf8(str(cut), chunk_size)

@@ -10,12 +10,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO_ROOT, TINY_RUN, run_script, script_env
+from gptlab.data import TokenWindows
+from gptlab.sampling import ResumableDataLoader, ResumableSampler
 from gptlab.train import run
 
 MAX_STEPS = 60
@@ -182,3 +185,34 @@ def test_same_seed_gives_the_same_loss_at_every_step(
         curves.append(curve(tmp_path / name, "train/loss"))
     assert sorted(curves[0]) == list(range(30))
     assert curves[0] == curves[1]
+
+
+def test_loader_resumes_with_exactly_the_batches_it_had_not_given() -> None:
+    windows = TokenWindows(np.arange(1000, dtype=np.uint16), context_length=4, stride=4)
+
+    def loader() -> ResumableDataLoader:
+        sampler = ResumableSampler(windows, shuffle=True)
+        return ResumableDataLoader(windows, sampler=sampler, batch_size=8, drop_last=True)
+
+    first = loader()
+    first.sampler.set_epoch(3)
+    batches = iter(first)
+    for _ in range(5):
+        next(batches)
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches": 5}
+    rest = [inputs for inputs, _ in batches]
+    assert len(rest) == len(first) - 5
+
+    second = loader()
+    second.load_state_dict(state)
+    resumed = [inputs for inputs, _ in second]
+    assert len(resumed) == len(rest)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, rest, strict=True))
+    assert second.state_dict() == {"epoch": 3, "batches": len(first)}
+
+    # A position saved at the end of an epoch does not cut the next one short.
+    third = loader()
+    third.load_state_dict({"epoch": 3, "batches": len(first)})
+    third.sampler.set_epoch(4)
+    assert len(list(third)) == len(first)

@@ -91,8 +91,9 @@ def read_checkpoint_settings(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
+        reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
         raise ConfigError(
-            f"Checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:160]}): it is "
+            f"Checkpoint {path} cannot be read ({reason}): it is "
             f"corrupt or truncated, e.g. copied before it was complete; {fix}"
         ) from None
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
