@@ -143,7 +143,7 @@ class GracefulInterrupt(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         raise TrainingInterrupted(
             f"Interrupted: saved step {trainer.global_step} to {path}. Continue with "
             f"`python scripts/train.py <same options> resume={path.parent.parent}`."
