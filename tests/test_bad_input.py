@@ -242,6 +242,7 @@ def case_params() -> list:
     ]
 
 
+@pytest.mark.slow  # one script start-up per case: about two CPU-minutes for the matrix
 @pytest.mark.parametrize("name", case_params())
 def test_bad_input_fails_with_a_clear_message(
     name: str, outcomes: dict[str, Future[Outcome]]

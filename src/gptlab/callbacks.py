@@ -126,7 +126,8 @@ class GracefulInterrupt(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-            log.info("Ctrl-C saves a checkpoint after the current step and stops training.")
+            if trainer.is_global_zero:
+                log.info("Ctrl-C saves a checkpoint after the current step and stops training.")
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.requested = True
