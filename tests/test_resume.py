@@ -178,11 +178,19 @@ def test_same_seed_gives_the_same_loss_at_every_step(
 ) -> None:
     curves = []
     for name in ("first", "second"):
-        cfg = compose_train_config(*RUN, "trainer.max_steps=30")
+        cfg = compose_train_config(
+            *RUN,
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=20",
+            "callbacks.step_checkpoint.every_n_train_steps=7",
+        )
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / name)
         run(cfg)
         curves.append(curve(tmp_path / name, "train/loss"))
+        # last.ckpt was written at steps 7, 14, 20 (a new best), 21 and 28; the end of
+        # training must still leave step 30 in it.
+        assert saved_step(tmp_path / name / "checkpoints" / "last.ckpt") == 30
     assert sorted(curves[0]) == list(range(30))
     assert curves[0] == curves[1]
 

@@ -162,3 +162,18 @@ class GracefulInterrupt(Callback):
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
+
+
+class LastCheckpointAtEnd(Callback):
+    """Makes `last.ckpt` hold the final step when training ends.
+
+    ModelCheckpoint writes it only every N steps and after a validation with a new best. So
+    without this, a finished run could leave an older `last.ckpt`, and resuming it would
+    repeat steps.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = last_checkpoint_path(trainer)
+        stale = trainer.strategy.broadcast(saved_step(path) != trainer.global_step)
+        if stale:
+            trainer.save_checkpoint(path, weights_only=False)
