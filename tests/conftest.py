@@ -54,19 +54,24 @@ def compose_train_config(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     GlobalHydra.instance().clear()
 
 
-def run_script(
-    script: str, *args: str, cwd: Path | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run scripts/<script> in a fresh interpreter, importing this checkout's gptlab."""
+def script_env() -> dict[str, str]:
+    """The environment for running scripts/*: this checkout's gptlab, short error messages."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")])
     )
     env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run scripts/<script> in a fresh interpreter, importing this checkout's gptlab."""
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / script), *args],
         cwd=cwd or REPO_ROOT,
-        env=env,
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,11 +13,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from gptlab.errors import ConfigError
+from gptlab import resume  # noqa: F401  (registers the resolvers conf/hydra uses)
+from gptlab.errors import ConfigError, TrainingInterrupted
 
 T = TypeVar("T")
 
 EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ def exit_on_config_error(task: Callable[..., T]) -> Callable[..., T]:
 
     In a Hydra multirun the error is logged and re-raised instead: Hydra then records that
     one job as failed and runs the others, where `sys.exit` would end the whole sweep.
+
+    A run stopped by Ctrl-C after saving a checkpoint exits 130 with the way to resume.
     """
 
     @functools.wraps(task)
@@ -46,6 +50,9 @@ def exit_on_config_error(task: Callable[..., T]) -> Callable[..., T]:
                 raise
             print(f"Error: {err}", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
+        except TrainingInterrupted as stop:
+            print(stop, file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gptlab.errors import ConfigError
+from gptlab.sampling import ResumableDataLoader, ResumableSampler
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, build_tokenizer
 
 SOURCES = ("pydocs", "text_files", "hf", "download")
@@ -114,10 +115,38 @@ def resolve_text_files(path: str | list[str]) -> list[str]:
     return files
 
 
+def check_utf8(path: str, chunk_size: int = 1 << 20) -> None:
+    """`datasets` fails on bad bytes with an error naming neither file nor position; this does."""
+    offset, pending = 0, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            data = pending + chunk
+            try:
+                data.decode("utf-8")
+                offset, pending = offset + len(data), b""
+            except UnicodeDecodeError as err:
+                if err.reason != "unexpected end of data" or err.end != len(data):
+                    raise ConfigError(
+                        f"{path} is not UTF-8 text: byte {offset + err.start} is "
+                        f"{data[err.start : err.start + 1]!r} ({err.reason}). Convert the file, "
+                        f"e.g. `iconv -f latin1 -t utf-8 {path} > {path}.utf8`, and point "
+                        f"data.path at the converted copy."
+                    ) from None
+                # A character split across two chunks: decode it with the next chunk.
+                offset, pending = offset + err.start, data[err.start :]
+    if pending:
+        raise ConfigError(
+            f"{path} is not UTF-8 text: it ends inside a character at byte {offset} "
+            f"(truncated?). Convert or repair the file and point data.path at it."
+        )
+
+
 def load_text_files(files: list[str]) -> list[str]:
     """Whole files as documents, through `datasets`' `text` loader."""
     import datasets
 
+    for path in files:
+        check_utf8(path)
     dataset = datasets.load_dataset(
         "text", data_files=files, sample_by="document", split="train", keep_in_memory=True
     )
@@ -315,10 +344,11 @@ class GPTDataModule(L.LightningDataModule):
     def _loader(self, tokens: np.ndarray | None, shuffle: bool, drop_last: bool) -> DataLoader:
         if tokens is None:
             raise RuntimeError("GPTDataModule.setup() must run before asking for a dataloader.")
-        return DataLoader(
-            TokenWindows(tokens, self.context_length, self.stride),
+        windows = TokenWindows(tokens, self.context_length, self.stride)
+        return ResumableDataLoader(
+            windows,
+            sampler=ResumableSampler(windows, shuffle=shuffle),
             batch_size=self.batch_size,
-            shuffle=shuffle,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -27,6 +27,7 @@ from gptlab.generation import encode_prompt, generate
 from gptlab.loading import find_initial_weights, load_initial_weights
 from gptlab.model import GPTConfig, count_parameters
 from gptlab.module import GPTLightningModule, check_optimizer
+from gptlab.resume import check_checkpoint_fits, checkpoint_to_resume
 from gptlab.sweep import RunRecord, error_line, write_run_record
 from gptlab.tokenizers import TOKENIZER_NAMES, GPT2Tokenizer
 
@@ -78,8 +79,9 @@ def validate(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.optimized_metric!r} is unknown: use one of "
             f"{', '.join(OPTIMIZED_METRICS)}."
         )
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a file: give a .ckpt to resume.")
+    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
+    if ckpt_path:
+        check_checkpoint_fits(ckpt_path, model)
     if cfg.get("init_from"):
         find_initial_weights(cfg.init_from)
 
@@ -173,14 +175,15 @@ def fit(cfg: DictConfig) -> L.Trainer:
         f"{len(datamodule.val_tokens):,}",
     )
     trainer = build_trainer(cfg)
-    if not cfg.ckpt_path:
+    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
+    if not ckpt_path:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
         log.info(
             "Initial val loss %.4f; an untrained model should be near ln(vocab_size) = %.4f",
             initial,
             math.log(tokenizer.vocab_size),
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         report(cfg, trainer, module, prompt, best_val_loss(trainer))
     return trainer
