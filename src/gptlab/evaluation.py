@@ -137,6 +137,10 @@ def text_file_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
         raise ConfigError(
             f"text_file={path!r} could not be read ({err}): give a UTF-8 text file."
         ) from None
+    if not text.strip():
+        raise ConfigError(
+            f"text_file={path!r} is empty ({len(text)} characters): give a file with some text."
+        )
     return np.asarray(tokenizer.encode(text), dtype=np.int64)
 
 

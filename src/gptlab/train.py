@@ -119,6 +119,13 @@ def run(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
     overrides = task_overrides()
     started = time.perf_counter()
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        # A resume that fails its checks leaves the run it names untouched, record included.
+        if not (cfg.get("resume") or cfg.get("ckpt_path")):
+            record_run(run_dir, RunRecord("failed", overrides, error=error_line(err)))
+        raise
     record_run(run_dir, RunRecord(status="running", overrides=overrides))
     try:
         trainer = fit(cfg)
@@ -150,8 +157,7 @@ def task_overrides() -> list[str]:
 
 
 def fit(cfg: DictConfig) -> L.Trainer:
-    """Validate the config, load the data, validate the untrained model, fit, report."""
-    validate(cfg)
+    """Load the data, build the model, validate it untrained, fit, report (config validated)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = GPTDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
     datamodule.prepare_data()
