@@ -17,7 +17,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.data import GPTDataModule
-from gptlab.distributed import forward_ddp_children_to_this_job
 from gptlab.errors import ConfigError
 from gptlab.generation import encode_prompt, generate
 from gptlab.model import GPTConfig, count_parameters
@@ -124,7 +123,6 @@ def best_val_loss(trainer: L.Trainer) -> float:
 def run(cfg: DictConfig) -> float:
     """Train as `cfg` says and return the metric sweepers minimise (best val loss)."""
     validate(cfg)
-    forward_ddp_children_to_this_job()
     if torch.cuda.is_available():
         # TF32 tensor cores for fp32 matmuls (and Lightning's MFU uses the TF32 peak).
         torch.set_float32_matmul_precision("high")
