@@ -18,7 +18,7 @@ from gptlab.generation import generate
 from gptlab.model import GPTConfig, GPTModel, TransformerBlock, count_parameters
 from gptlab.module import GPTLightningModule, next_token_loss
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import accumulation_for
+from gptlab.train import accumulation_for, build_trainer, validate
 
 GPT124M = {"vocab_size": 50257, "context_length": 256, "drop_rate": 0.1}
 
@@ -246,3 +246,18 @@ def test_compiled_checkpoint_loads_into_uncompiled_model(tmp_path: Path) -> None
     with torch.no_grad():
         torch.testing.assert_close(eager(idx), module.eval().model(idx))
         torch.testing.assert_close(module.logits(idx), eager(idx), rtol=1e-4, atol=1e-5)
+
+
+def test_tokens_per_step_reaches_the_trainer(compose_train_config) -> None:
+    cfg = compose_train_config(
+        "model=tiny", "trainer=cpu", "data.batch_size=8", "tokens_per_step=2048"
+    )
+    # 2048 tokens per step / (8 windows x 32 tokens x 1 process) = 8 micro-batches.
+    assert build_trainer(cfg).accumulate_grad_batches == 8
+    both = compose_train_config(
+        "model=tiny", "trainer=cpu", "tokens_per_step=2048", "trainer.accumulate_grad_batches=2"
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        build_trainer(both)
+    with pytest.raises(ConfigError, match="tokens_per_step=1,000"):
+        validate(compose_train_config("model=tiny", "tokens_per_step=1000"))
