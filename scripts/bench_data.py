@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,11 +82,31 @@ def train_peak_rss(prepared: Path, run_dir: Path, steps: int) -> tuple[int, str]
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"training on {prepared} failed:\n{output[-3000:]}")
-    return usage.ru_maxrss * 1024, output
+    # VmHWM, not wait4's ru_maxrss: that one survives fork+exec, so it would report this
+    # (larger) benchmark process's size rather than the training process's own peak.
+    peak = 0
+    reader = threading.Thread(target=lambda: output.append(process.stdout.read()))
+    output: list[str] = []
+    reader.start()
+    while process.poll() is None:
+        peak = max(peak, high_water_mark(process.pid))
+        time.sleep(0.1)
+    reader.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"training on {prepared} failed:\n{output[0][-3000:]}")
+    return peak, output[0]
+
+
+def high_water_mark(pid: int) -> int:
+    """Peak resident set size of a running process, in bytes (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from gptlab.data import (
     CORPORA,
@@ -131,8 +132,10 @@ def prepare_corpus(
     partial = out_dir / f"{TOKENS_FILE}.partial"
     tokens = np.memmap(partial, dtype=dtype, mode="w+", shape=(n_tokens,))
     position = 0
-    for batch in tokenized.with_format("numpy", columns=["ids"]).iter(batch_size=1024):
-        chunk = np.concatenate(list(batch["ids"])).astype(dtype, copy=False)
+    # Arrow batches flatten to numpy without a Python int per token, so memory stays at
+    # one batch of documents.
+    for batch in tokenized.with_format("arrow").iter(batch_size=64):
+        chunk = pc.list_flatten(batch.column("ids")).to_numpy().astype(dtype, copy=False)
         tokens[position : position + len(chunk)] = chunk
         position += len(chunk)
     tokens.flush()
