@@ -93,7 +93,11 @@ def encode_documents(batch: dict[str, list[str]]) -> dict[str, list]:
     global _tokenizer
     if _tokenizer is None:
         _tokenizer = GPT2Tokenizer()
-    ids = [[*_tokenizer.encode(text), _tokenizer.eot_id] for text in batch["text"]]
+    # numpy rows, not lists: a Python int per token costs ~36 bytes until the batch is written.
+    ids = [
+        np.array([*_tokenizer.encode(text), _tokenizer.eot_id], dtype=np.uint32)
+        for text in batch["text"]
+    ]
     return {"ids": ids, "n_tokens": [len(row) for row in ids]}
 
 
@@ -116,6 +120,9 @@ def prepare_corpus(
     tokenized = dataset.map(
         encode_documents,
         batched=True,
+        # Small batches bound each worker's memory when documents are long.
+        batch_size=64,
+        writer_batch_size=64,
         num_proc=min(num_proc, len(dataset)) if num_proc > 1 else None,
         remove_columns=dataset.column_names,
         # Cached ids in the width they are stored in, not datasets' default int64.
