@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from matplotlib.image import imread
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
@@ -20,7 +20,7 @@ from conftest import CONF_DIR, TINY_RUN
 from gptlab.callbacks import TrainingCurves, plot_losses
 from gptlab.model import GPTConfig, build_model, count_parameters
 from gptlab.sweep import RUN_RECORD
-from gptlab.train import run
+from gptlab.train import model_settings, run
 
 STEPS = 10
 VAL_EVERY = 5
@@ -102,13 +102,13 @@ def test_hparams_tab_has_config_parameter_count_and_val_metrics(
     assert hparams["optimizer/lr"].number_value == pytest.approx(cfg.optimizer.lr)
     assert hparams["data/source"].string_value == cfg.data.source
     assert hparams["trainer/max_steps"].number_value == STEPS
-    model_cfg = {k: v for k, v in cfg.model.items() if k != "tokenizer"}
     checkpoint = torch.load(
         Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False
     )
     vocab_size = checkpoint["hyper_parameters"]["model"]["vocab_size"]
+    settings = model_settings(OmegaConf.to_container(cfg.model), vocab_size)
     with torch.device("meta"):
-        model = build_model(GPTConfig(**{**model_cfg, "vocab_size": vocab_size}))
+        model = build_model(GPTConfig(**settings))
     assert hparams["n_parameters"].number_value == count_parameters(model)
 
 

@@ -24,7 +24,7 @@ from gptlab.errors import ConfigError
 from gptlab.sampling import ResumableDataLoader, ResumableSampler
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, build_tokenizer
 
-SOURCES = ("pydocs", "text_files", "hf", "download")
+SOURCES = ("pydocs", "text_files", "hf", "download", "prepared")
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,7 @@ class GPTDataModule(L.LightningDataModule):
         config: str | None = None,
         split: str = "train",
         text_column: str = "text",
+        dir: str | None = None,
     ) -> None:
         super().__init__()
         stride = context_length if stride is None else stride
@@ -288,6 +289,11 @@ class GPTDataModule(L.LightningDataModule):
             "split": split,
             "text_column": text_column,
         }
+        if source == "prepared" and not dir:
+            raise ConfigError(
+                "data=prepared needs data.dir=<folder written by scripts/prepare_data.py>."
+            )
+        self.prepared_dir = dir
         self.tokenizer_name = tokenizer
         self.context_length = context_length
         self.batch_size = batch_size
@@ -313,9 +319,15 @@ class GPTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
-        text = load_corpus(**self.corpus_options)
-        tokenizer = build_tokenizer(self.tokenizer_name, text)
-        tokens = np.asarray(tokenizer.encode(text), dtype=token_dtype(tokenizer.vocab_size))
+        if self.corpus_options["source"] == "prepared":
+            # A read-only memmap: windows are read from disk, memory stays flat.
+            from gptlab.prepared import open_prepared
+
+            tokenizer, tokens = open_prepared(self.prepared_dir, self.tokenizer_name)
+        else:
+            text = load_corpus(**self.corpus_options)
+            tokenizer = build_tokenizer(self.tokenizer_name, text)
+            tokens = np.asarray(tokenizer.encode(text), dtype=token_dtype(tokenizer.vocab_size))
         train, val = split_tokens(tokens, self.train_ratio)
         needed = self.context_length + 1
         for split_name, split in (("train", train), ("val", val)):

@@ -14,13 +14,20 @@ from gptlab.model import GPTConfig, build_model
 
 
 def matmul_parameters(cfg: GPTConfig) -> int:
-    """Parameters that take part in matrix multiplies: everything but the embedding tables."""
-    with torch.device("meta"):
-        model = build_model(cfg)
-    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    """Parameters that take part in matrix multiplies: everything but the embedding tables.
+
+    Counted per module, so a head tied to the token embedding still counts its matmul.
+    """
     if cfg.arch == "bigram":
         return 0
-    return sum(p.numel() for p in model.parameters()) - embeddings
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return sum(
+        p.numel()
+        for m in model.modules()
+        if not isinstance(m, torch.nn.Embedding)
+        for p in m.parameters(recurse=False)
+    )
 
 
 def training_flops_per_batch(cfg: GPTConfig, batch_size: int, seq_len: int) -> int:

@@ -98,6 +98,12 @@ def load_model(ckpt: str | None, pretrained: str | None, log_dir: str | Path) ->
     return LoadedModel(model, tokenizer, model.cfg, pretrained)
 
 
+# Settings that change how weights are laid out or first drawn, not what they compute once
+# loaded: init_from adapts the weights to this run's choice of each.
+LAYOUT_ONLY_FIELDS = ("drop_rate", "context_length", "tie_weights", "pad_vocab_multiple", "init")
+VOCAB_ROWS = ("tok_emb.weight", "out_head.weight")
+
+
 def find_initial_weights(source: str) -> Path:
     """The file `init_from` names, found (or downloaded) before any data is loaded."""
     if not source.endswith(CHECKPOINT_SUFFIX):
@@ -134,7 +140,7 @@ def load_initial_weights(module: GPTLightningModule, source: str) -> None:
     cfg = module.config
     for field in fields(GPTConfig):
         ours, theirs = getattr(cfg, field.name), getattr(weights_config, field.name)
-        if field.name in ("drop_rate", "context_length") or ours == theirs:
+        if field.name in LAYOUT_ONLY_FIELDS or ours == theirs:
             continue
         raise ConfigError(
             f"init_from={source!r} has {field.name}={theirs!r}, but model.{field.name}={ours!r}: "
@@ -149,4 +155,18 @@ def load_initial_weights(module: GPTLightningModule, source: str) -> None:
         )
     if "pos_emb.weight" in state:
         state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.context_length]
+    for name in VOCAB_ROWS:
+        if name in state:
+            state[name] = with_vocab_rows(state[name], cfg.vocab_size, cfg.padded_vocab_size)
+    if cfg.tie_weights and not torch.equal(state["tok_emb.weight"], state["out_head.weight"]):
+        raise ConfigError(
+            f"init_from={source!r} has an output head separate from its token embedding, but "
+            f"model.tie_weights=true would make them one: set model.tie_weights=false."
+        )
     module.model.load_state_dict(state)
+
+
+def with_vocab_rows(weight: torch.Tensor, vocab_size: int, rows: int) -> torch.Tensor:
+    """The real vocabulary's rows of `weight`, zero-padded to `rows` (padding never scores)."""
+    real = weight[:vocab_size]
+    return torch.cat([real, real.new_zeros(rows - vocab_size, *real.shape[1:])])

@@ -7,6 +7,7 @@ written against the book keeps working. No Lightning, Hydra or tokenizer imports
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -29,11 +30,30 @@ class GPTConfig:
     drop_rate: float = 0.1
     qkv_bias: bool = False
     arch: Literal["gpt", "bigram"] = "gpt"
+    # Share the token embedding with the output head (GPT-2 does; the seed's 124M count does not).
+    tie_weights: bool = False
+    # Round the embedding/head rows up to a multiple of this (64: 50257 -> 50304) so matmuls
+    # hit fast kernel shapes; the extra logits are sliced off before anyone sees them.
+    pad_vocab_multiple: int = 1
+    # "gpt2": normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers);
+    # "torch": PyTorch's default layer init, as in the seed notebooks.
+    init: Literal["gpt2", "torch"] = "gpt2"
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt", "bigram"):
             raise ConfigError(f"model.arch={self.arch!r} is unknown: use 'gpt' or 'bigram'.")
-        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        if self.init not in ("gpt2", "torch"):
+            raise ConfigError(f"model.init={self.init!r} is unknown: use 'gpt2' or 'torch'.")
+        if not isinstance(self.tie_weights, bool):
+            raise ConfigError(f"model.tie_weights={self.tie_weights!r} must be true or false.")
+        for key in (
+            "vocab_size",
+            "context_length",
+            "emb_dim",
+            "n_heads",
+            "n_layers",
+            "pad_vocab_multiple",
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{key}={value!r} must be a positive integer.")
@@ -52,6 +72,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and head: vocab_size rounded up to `pad_vocab_multiple`."""
+        return math.ceil(self.vocab_size / self.pad_vocab_multiple) * self.pad_vocab_multiple
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,14 +192,31 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(
             TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)
         )
         self.final_norm = nn.LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        if cfg.init == "gpt2":
+            self._init_gpt2()
+
+    def _init_gpt2(self) -> None:
+        """GPT-2's init. Each residual branch adds to the stream's variance, so the last
+        projection of each (two per block) is scaled down by sqrt(2 n_layers)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.trf_blocks:
+            for projection in (block.att.out_proj, block.ff.layers[2]):
+                nn.init.normal_(projection.weight, mean=0.0, std=residual_std)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers, self.cfg.context_length)
@@ -198,7 +240,8 @@ class GPTModel(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.length += n_tokens
-        return self.out_head(self.final_norm(x))
+        # Padded rows are no tokens: their logits never reach the loss or a sampler.
+        return self.out_head(self.final_norm(x))[..., : self.cfg.vocab_size]
 
 
 class BigramModel(nn.Module):

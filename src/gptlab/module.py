@@ -45,10 +45,34 @@ def check_optimizer(optimizer: dict[str, Any]) -> None:
         raise ConfigError(f"optimizer.min_lr={min_lr!r} must be between 0 and optimizer.lr={lr}.")
 
 
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def adamw_param_groups(
+    module: torch.nn.Module, matrix_names: set[str], weight_decay: float
+) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings only, never on biases or LayerNorm gains.
+
+    `matrix_names` are the >= 2-D parameters of the unwrapped module: FSDP flattens its
+    shards to 1-D, so shapes seen here cannot decide.
+    """
+    named = [(name.replace(FSDP_PREFIX, ""), p) for name, p in module.named_parameters()]
+    return [
+        {"params": [p for name, p in named if name in matrix_names], "weight_decay": weight_decay},
+        {"params": [p for name, p in named if name not in matrix_names], "weight_decay": 0.0},
+    ]
+
+
 class GPTLightningModule(L.LightningModule):
     """Wraps a GPTModel; its hyperparameters alone rebuild the model and tokenizer."""
 
-    def __init__(self, model: dict[str, Any], optimizer: dict[str, Any], tokenizer: dict) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any],
+        tokenizer: dict,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_optimizer(optimizer)
@@ -61,6 +85,10 @@ class GPTLightningModule(L.LightningModule):
                 f"model.vocab_size={self.tokenizer.vocab_size}, or null to follow the tokenizer."
             )
         self.model = build_model(self.config)
+        self.matrix_names = {name for name, p in self.named_parameters() if p.dim() >= 2}
+        # Compile the inner forward, not the module, so state_dict keys keep no `_orig_mod.`
+        # and checkpoints load into uncompiled models; generation stays eager.
+        self.compiled_forward = torch.compile(self.model.forward) if compile else None
         # Read by ThroughputMonitor after each batch to report FLOPs/s and MFU.
         self.flops_per_batch: int | None = None
         self._val_totals: list[torch.Tensor] = []
@@ -68,18 +96,25 @@ class GPTLightningModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """The training and validation forward: compiled when `compile` is on."""
+        return self.model(idx) if self.compiled_forward is None else self.compiled_forward(idx)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         inputs, targets = batch
         if self.flops_per_batch is None:
             self.flops_per_batch = training_flops_per_batch(self.config, *inputs.shape)
-        loss = next_token_loss(self.model(inputs), targets)
+        loss = next_token_loss(self.logits(inputs), targets)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
+        # Both AdamW groups share one schedule; LearningRateMonitor would only log them per
+        # group (lr/pg1, lr/pg2), so the single "lr" curve is logged here.
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch
-        loss = next_token_loss(self.model(inputs), targets)
+        loss = next_token_loss(self.logits(inputs), targets)
         n_targets = torch.tensor(targets.numel(), device=loss.device, dtype=torch.float64)
         self._val_totals.append(torch.stack([loss.detach().double() * n_targets, n_targets]))
 
@@ -96,10 +131,11 @@ class GPTLightningModule(L.LightningModule):
     def configure_optimizers(self):
         opt = self.hparams.optimizer
         optimizer = torch.optim.AdamW(
-            self.parameters(),
+            adamw_param_groups(self, self.matrix_names, opt.get("weight_decay", 0.0)),
             lr=opt["lr"],
             betas=tuple(opt.get("betas", (0.9, 0.999))),
-            weight_decay=opt.get("weight_decay", 0.0),
+            # One kernel for all parameters instead of a loop of small ones.
+            fused=self.device.type == "cuda",
         )
         cosine = opt.get("schedule", "constant") == "cosine"
         total_steps = self.trainer.estimated_stepping_batches if cosine else 0
@@ -115,7 +151,7 @@ class GPTLightningModule(L.LightningModule):
             min_lr_ratio=opt.get("min_lr", 0.0) / opt["lr"] if cosine else 1.0,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        # Named "lr" so LearningRateMonitor logs the scalar under exactly that tag.
+        # LearningRateMonitor logs this schedule per param group, as lr/pg1 and lr/pg2.
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},

@@ -40,7 +40,7 @@ OPTIMIZED_METRICS: dict[str, Callable[[RunRecord], float]] = {
 }
 record_run = rank_zero_only(write_run_record)
 MODEL_KEYS = {field.name for field in dataclasses.fields(GPTConfig)}
-RUN_MODEL_KEYS = {"tokenizer"}
+RUN_MODEL_KEYS = {"tokenizer", "compile"}
 
 
 def model_settings(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -79,6 +79,9 @@ def validate(cfg: DictConfig) -> None:
             f"optimized_metric={cfg.optimized_metric!r} is unknown: use one of "
             f"{', '.join(OPTIMIZED_METRICS)}."
         )
+    if cfg.get("tokens_per_step"):
+        # The world size is checked again once the Trainer knows it.
+        accumulation_for(cfg.tokens_per_step, cfg.data.batch_size, cfg.data.context_length, 1)
     ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, model)
@@ -94,14 +97,42 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def accumulation_for(
+    tokens_per_step: int, batch_size: int, context_length: int, world_size: int
+) -> int:
+    """Micro-batches per optimizer step so that one step sees `tokens_per_step` tokens."""
+    per_micro_batch = batch_size * context_length * world_size
+    if tokens_per_step < per_micro_batch or tokens_per_step % per_micro_batch:
+        raise ConfigError(
+            f"tokens_per_step={tokens_per_step:,} is not a multiple of data.batch_size x "
+            f"model.context_length x world size = {batch_size} x {context_length} x "
+            f"{world_size} = {per_micro_batch:,}: use e.g. tokens_per_step="
+            f"{max(1, round(tokens_per_step / per_micro_batch)) * per_micro_batch}, or null."
+        )
+    return tokens_per_step // per_micro_batch
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     options["precision"] = resolve_precision(
         options.get("precision", "auto"), options["accelerator"]
     )
+    if isinstance(options.get("strategy"), dict):
+        options["strategy"] = instantiate(options["strategy"], _convert_="all")
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
-    return L.Trainer(**options, callbacks=callbacks, logger=loggers or False)
+    trainer = L.Trainer(**options, callbacks=callbacks, logger=loggers or False)
+    if cfg.get("tokens_per_step"):
+        if options.get("accumulate_grad_batches", 1) != 1:
+            raise ConfigError(
+                "Set either tokens_per_step or trainer.accumulate_grad_batches, not both: "
+                "tokens_per_step derives the accumulation."
+            )
+        # The world size is only known once the Trainer has resolved devices and nodes.
+        trainer.accumulate_grad_batches = accumulation_for(
+            cfg.tokens_per_step, cfg.data.batch_size, cfg.data.context_length, trainer.world_size
+        )
+    return trainer
 
 
 def best_val_loss(trainer: L.Trainer) -> float:
@@ -168,6 +199,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
         model=model_settings(OmegaConf.to_container(cfg.model, resolve=True), tokenizer.vocab_size),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         tokenizer=tokenizer.to_dict(),
+        compile=bool(cfg.model.get("compile", False)),
     )
     if cfg.get("init_from"):
         load_initial_weights(module, cfg.init_from)

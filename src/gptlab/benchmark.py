@@ -1,0 +1,224 @@
+"""Training-step speed: gptlab's Lightning step against a plain PyTorch loop, interleaved.
+
+Both variants train the same model (same initial weights) on the same batches with the same
+precision, optimizer (AdamW groups, fused on CUDA), gradient clipping and schedule. A step
+is timed from the end of one optimizer step to the end of the next, so data fetching and
+everything Lightning does between steps count. Rounds alternate which variant goes first,
+so drift in a shared machine's speed hits both alike.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from torch.utils.data import DataLoader, TensorDataset
+
+from gptlab.flops import training_flops_per_batch
+from gptlab.model import GPTConfig, build_model
+from gptlab.module import GPTLightningModule, adamw_param_groups, next_token_loss
+
+VARIANTS = ("lightning", "plain")
+
+
+@dataclass
+class Timings:
+    """Seconds per timed step, and peak accelerator memory, of one variant."""
+
+    seconds: list[float] = field(default_factory=list)
+    peak_memory: int = 0
+
+
+def synchronize(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class StepTimer(L.Callback):
+    """Times batch-end to batch-end inside Lightning's loop, after `warmup` steps."""
+
+    def __init__(self, warmup: int, timings: Timings) -> None:
+        self.warmup = warmup
+        self.timings = timings
+        self._last: float | None = None
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = synchronize(trainer.strategy.root_device)
+        self._steps += 1
+        if self._last is not None and self._steps > self.warmup:
+            self.timings.seconds.append(now - self._last)
+        self._last = now
+
+
+def random_batches(vocab_size: int, context_length: int, batch_size: int, n: int) -> DataLoader:
+    tokens = torch.randint(
+        0,
+        vocab_size,
+        (n * batch_size, context_length + 1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size)
+
+
+def lightning_round(
+    module: GPTLightningModule,
+    loader: DataLoader,
+    accelerator: str,
+    precision: str,
+    gradient_clip_val: float,
+    warmup: int,
+    timings: Timings,
+) -> None:
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=len(loader),
+        gradient_clip_val=gradient_clip_val,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[StepTimer(warmup, timings)],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+
+
+def plain_round(
+    model: torch.nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loader: DataLoader,
+    device: torch.device,
+    precision: str,
+    optimizer_cfg: dict,
+    gradient_clip_val: float,
+    warmup: int,
+    timings: Timings,
+) -> None:
+    """The loop a hand-written trainer runs: forward, backward, clip, step, zero."""
+    matrix_names = {name for name, p in model.named_parameters() if p.dim() >= 2}
+    optimizer = torch.optim.AdamW(
+        adamw_param_groups(model, matrix_names, optimizer_cfg.get("weight_decay", 0.0)),
+        lr=optimizer_cfg["lr"],
+        betas=tuple(optimizer_cfg.get("betas", (0.9, 0.999))),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    last: float | None = None
+    model.train()
+    for step, (inputs, targets) in enumerate(loader, start=1):
+        inputs, targets = (
+            inputs.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+        )
+        with autocast:
+            loss = next_token_loss(forward(inputs), targets)
+        loss.backward()
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_val)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = synchronize(device)
+        if last is not None and step > warmup:
+            timings.seconds.append(now - last)
+        last = now
+
+
+def benchmark(
+    model_cfg: dict,
+    tokenizer: dict,
+    optimizer_cfg: dict,
+    batch_size: int,
+    accelerator: str,
+    precision: str,
+    compile: bool,
+    gradient_clip_val: float,
+    steps: int,
+    warmup: int,
+    rounds: int,
+) -> dict[str, Timings]:
+    """Per-variant step timings over `rounds` interleaved rounds of `warmup + steps` steps."""
+    module = GPTLightningModule(model_cfg, optimizer_cfg, tokenizer, compile=compile)
+    device = torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+    plain = build_model(GPTConfig(**model_cfg)).to(device)
+    plain.load_state_dict(module.model.state_dict())
+    forward = torch.compile(plain.forward) if compile else plain
+    cfg = module.config
+    loader = random_batches(cfg.vocab_size, cfg.context_length, batch_size, warmup + steps)
+    timings = {variant: Timings() for variant in VARIANTS}
+    for round_index in range(rounds):
+        order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
+        for variant in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if variant == "lightning":
+                lightning_round(
+                    module,
+                    loader,
+                    accelerator,
+                    precision,
+                    gradient_clip_val,
+                    warmup,
+                    timings[variant],
+                )
+            else:
+                plain_round(
+                    plain,
+                    forward,
+                    loader,
+                    device,
+                    precision,
+                    optimizer_cfg,
+                    gradient_clip_val,
+                    warmup,
+                    timings[variant],
+                )
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+                timings[variant].peak_memory = max(timings[variant].peak_memory, peak)
+    return timings
+
+
+def report(
+    timings: dict[str, Timings],
+    cfg: GPTConfig,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> str:
+    """A table of tokens/s, median ms/step, MFU and peak memory, and the overhead ratio."""
+    flops = training_flops_per_batch(cfg, batch_size, cfg.context_length)
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    peak_flops = get_available_flops(device, dtype)
+    lines = [f"{'variant':<10} {'tokens/s':>12} {'ms/step':>10} {'MFU':>8} {'peak mem':>12}"]
+    medians = {}
+    for variant, timing in timings.items():
+        median = statistics.median(timing.seconds)
+        medians[variant] = median
+        mfu = f"{flops / median / peak_flops:.1%}" if peak_flops else "n/a"
+        memory = f"{timing.peak_memory / 2**20:,.0f} MiB" if device.type == "cuda" else "-"
+        tokens = batch_size * cfg.context_length / median
+        lines.append(f"{variant:<10} {tokens:>12,.0f} {1000 * median:>10.2f} {mfu:>8} {memory:>12}")
+    overhead = medians["lightning"] / medians["plain"] - 1
+    lines.append(f"Lightning overhead: {overhead:+.1%} ms/step over the plain loop")
+    if device.type == "cpu":
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        lines.append(
+            f"Process peak RSS: {peak_rss:,.0f} MiB (both variants; CPU has no per-phase peak)"
+        )
+    if not peak_flops:
+        lines.append(f"MFU n/a: Lightning knows no peak FLOP/s for {device.type} ({dtype})")
+    n = {variant: len(t.seconds) for variant, t in timings.items()}
+    lines.append(f"Steps timed per variant: {n}; analytic FLOPs per step: {flops:.3e}")
+    return "\n".join(lines)

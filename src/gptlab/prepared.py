@@ -1,0 +1,184 @@
+"""Pre-tokenised corpora: token ids in a memory-mapped `.bin` file plus a JSON of metadata.
+
+A corpus far larger than memory is tokenised once, in parallel with `datasets.map`, into
+`tokens.bin` (uint16 for GPT-2's 50,257 ids). Training then reads its windows straight from
+an `np.memmap` of that file, so memory does not grow with the corpus. Each document is
+followed by `<|endoftext|>`, as in GPT-2's training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from gptlab.data import (
+    CORPORA,
+    fetch_corpus,
+    load_pydocs,
+    resolve_text_files,
+    sha256_of,
+    token_dtype,
+)
+from gptlab.errors import ConfigError
+from gptlab.tokenizers import GPT2Tokenizer, tokenizer_from_dict
+
+TOKENS_FILE = "tokens.bin"
+METADATA_FILE = "meta.json"
+CORPUS_KEYS = ("source", "path", "corpus", "name", "config", "split", "text_column")
+
+_tokenizer: GPT2Tokenizer | None = None
+
+
+def corpus_dataset(
+    source: str,
+    path: str | list[str] | None = None,
+    corpus: str | None = None,
+    name: str | None = None,
+    config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+) -> tuple[Any, str]:
+    """The corpus as a `datasets.Dataset` with one document per row, and a hash of its source.
+
+    Unlike `data.load_corpus` nothing is joined into one string, so the corpus may be
+    larger than memory: `datasets` keeps it in memory-mapped Arrow files.
+    """
+    import datasets
+
+    if source in ("text_files", "download"):
+        if source == "download":
+            if corpus not in CORPORA:
+                raise ConfigError(
+                    f"data.corpus={corpus!r} is unknown: choose one of {list(CORPORA)}."
+                )
+            files = [str(fetch_corpus(CORPORA[corpus]))]
+        elif path is None:
+            raise ConfigError("data=text_files needs data.path=<file, glob or list of files>.")
+        else:
+            files = resolve_text_files(path)
+        dataset = datasets.load_dataset(
+            "text", data_files=files, sample_by="document", split="train"
+        )
+        digest = hashlib.sha256("".join(sha256_of(Path(f)) for f in files).encode()).hexdigest()
+        return dataset, f"sha256:{digest}"
+    if source == "hf":
+        if not name:
+            raise ConfigError("data=hf needs data.name=<Hugging Face dataset id>.")
+        dataset = datasets.load_dataset(name, config, split=split)
+        if text_column not in dataset.column_names:
+            raise ConfigError(
+                f"data.text_column={text_column!r} is not a column of {name} ({split}): "
+                f"choose one of {dataset.column_names}."
+            )
+        return dataset.select_columns([text_column]).rename_column(text_column, "text"), (
+            f"datasets-fingerprint:{dataset._fingerprint}"
+        )
+    if source == "pydocs":
+        documents = load_pydocs()
+        digest = hashlib.sha256("\0".join(documents).encode()).hexdigest()
+        return datasets.Dataset.from_dict({"text": documents}), f"sha256:{digest}"
+    raise ConfigError(
+        f"data.source={source!r} cannot be prepared: use text_files, download, hf or pydocs."
+    )
+
+
+def encode_documents(batch: dict[str, list[str]]) -> dict[str, list]:
+    """GPT-2 ids of each document followed by `<|endoftext|>` (run in `datasets.map` workers)."""
+    global _tokenizer
+    if _tokenizer is None:
+        _tokenizer = GPT2Tokenizer()
+    # numpy rows, not lists: a Python int per token costs ~36 bytes until the batch is written.
+    ids = [
+        np.array([*_tokenizer.encode(text), _tokenizer.eot_id], dtype=np.uint32)
+        for text in batch["text"]
+    ]
+    return {"ids": ids, "n_tokens": [len(row) for row in ids]}
+
+
+def prepare_corpus(
+    corpus_options: dict[str, Any], tokenizer: str, out_dir: Path, num_proc: int
+) -> dict[str, Any]:
+    """Tokenise the corpus into `out_dir/tokens.bin` and `meta.json`; return the metadata."""
+    if tokenizer != "gpt2":
+        raise ConfigError(
+            f"tokenizer={tokenizer!r} cannot be prepared: only gpt2 has a fixed vocabulary. "
+            f"Char-level corpora are small: train on them directly with data=text_files."
+        )
+    if num_proc < 1:
+        raise ConfigError(f"num_proc={num_proc} must be at least 1.")
+    dataset, source_hash = corpus_dataset(**corpus_options)
+    import datasets
+
+    encoder = GPT2Tokenizer()
+    dtype = token_dtype(encoder.vocab_size)
+    tokenized = dataset.map(
+        encode_documents,
+        batched=True,
+        # Small batches bound each worker's memory when documents are long.
+        batch_size=64,
+        writer_batch_size=64,
+        num_proc=min(num_proc, len(dataset)) if num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        # Cached ids in the width they are stored in, not datasets' default int64.
+        features=datasets.Features(
+            {
+                "ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name)),
+                "n_tokens": datasets.Value("int64"),
+            }
+        ),
+        desc="Tokenising",
+    )
+    n_tokens = int(np.sum(tokenized["n_tokens"], dtype=np.int64))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f"{TOKENS_FILE}.partial"
+    tokens = np.memmap(partial, dtype=dtype, mode="w+", shape=(n_tokens,))
+    position = 0
+    # Arrow batches flatten to numpy without a Python int per token, so memory stays at
+    # one batch of documents.
+    for batch in tokenized.with_format("arrow").iter(batch_size=64):
+        chunk = pc.list_flatten(batch.column("ids")).to_numpy().astype(dtype, copy=False)
+        tokens[position : position + len(chunk)] = chunk
+        position += len(chunk)
+    tokens.flush()
+    del tokens
+    os.replace(partial, out_dir / TOKENS_FILE)
+    metadata = {
+        "tokenizer": encoder.to_dict(),
+        "dtype": np.dtype(dtype).name,
+        "n_tokens": n_tokens,
+        "n_documents": len(dataset),
+        "source": corpus_options,
+        "source_hash": source_hash,
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+def open_prepared(directory: str | Path, tokenizer: str):
+    """The tokenizer and a read-only memmap of the tokens that `prepare_corpus` wrote."""
+    directory = Path(directory).expanduser()
+    meta_path = directory / METADATA_FILE
+    if not meta_path.is_file() or not (directory / TOKENS_FILE).is_file():
+        raise ConfigError(
+            f"data.dir={str(directory)!r} holds no prepared corpus ({METADATA_FILE} and "
+            f"{TOKENS_FILE}): create it with `python scripts/prepare_data.py data=<source> "
+            f"out_dir={directory}`."
+        )
+    metadata = json.loads(meta_path.read_text())
+    prepared_with = metadata["tokenizer"].get("name")
+    if prepared_with != tokenizer:
+        raise ConfigError(
+            f"data.dir={str(directory)!r} was tokenised with {prepared_with}, but "
+            f"model.tokenizer={tokenizer}: use a model with tokenizer {prepared_with}, or "
+            f"prepare the corpus again."
+        )
+    tokens = np.memmap(
+        directory / TOKENS_FILE, dtype=metadata["dtype"], mode="r", shape=(metadata["n_tokens"],)
+    )
+    return tokenizer_from_dict(metadata["tokenizer"]), tokens
