@@ -16,23 +16,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gptlab.generation import encode_prompt, generate
-from gptlab.model import GPTConfig, GPTModel
+from gptlab.generation import encode_prompt, generate, generate_text_simple
+from gptlab.model import GPTConfig, build_model
 from gptlab.tokenizers import GPT2Tokenizer
+from gptlab.train import model_settings
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def generate_text_simple(
-    model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
-) -> torch.Tensor:
-    """The seed notebooks' greedy loop: the whole cropped context at every step."""
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(idx[:, -context_size:])[:, -1, :]
-        idx_next = torch.argmax(torch.softmax(logits, dim=-1), dim=-1, keepdim=True)
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
 
 
 def timed(run: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
@@ -58,14 +47,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    settings = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
-    settings.pop("tokenizer")
+    model_group = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
+    if model_group["tokenizer"] != GPT2Tokenizer.name:
+        raise SystemExit(
+            f"--model {args.model} needs a corpus for its vocabulary: pick a gpt2 one."
+        )
     tokenizer = GPT2Tokenizer()
-    settings["vocab_size"] = settings["vocab_size"] or tokenizer.vocab_size
-    cfg = GPTConfig(**settings)
+    cfg = GPTConfig(**model_settings(model_group, tokenizer.vocab_size))
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = GPTModel(cfg).to(device).eval()
+    model = build_model(cfg).to(device).eval()
     prompt = torch.tensor([encode_prompt(tokenizer, args.prompt)], device=device)
     print(
         f"{args.model} ({cfg.context_length}-token context), {args.new_tokens} new tokens "

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from conftest import CONF_DIR, needs_shared_data, needs_tiktoken, run_script
+from gptlab.data import SOURCES
+from gptlab.errors import ConfigError
+from gptlab.resume import check_checkpoint_tokenizer
+from gptlab.tokenizers import CharTokenizer
 from gptlab.train import resolve_precision, validate
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -26,7 +32,7 @@ def test_data_configs_compose_with_the_model_context(compose_train_config, data:
     cfg = compose_train_config(f"data={data}", "model.context_length=48")
     assert cfg.data.context_length == 48
     assert cfg.data.tokenizer == cfg.model.tokenizer
-    assert cfg.data.source in ("pydocs", "text_files", "hf", "download")
+    assert cfg.data.source in SOURCES
 
 
 @needs_tiktoken
@@ -45,8 +51,6 @@ def test_default_callbacks_and_logger_instantiate(compose_train_config, tmp_path
 
 
 def test_auto_precision_is_full_fp32_without_a_gpu() -> None:
-    import torch
-
     expected = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     assert resolve_precision("auto", "auto") in (expected, "32-true")
     assert resolve_precision("auto", "cpu") == "32-true"
@@ -64,6 +68,7 @@ def test_gpt124m_trains_a_step_through_the_script(tmp_path: Path) -> None:
         "data.batch_size=1",
         "trainer=cpu",
         "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1",
         "callbacks.progress_bar=null",
         "trainer.enable_progress_bar=false",
@@ -74,3 +79,33 @@ def test_gpt124m_trains_a_step_through_the_script(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert "162,419,712 parameters" in output
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0"),
+        (["trainer.max_steps=100"], "trainer.val_check_interval=250 is more than"),
+        (
+            ["optimizer.schedule=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1"],
+            "needs a finite run",
+        ),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1"),
+        (["max_new_tokens=-1"], "max_new_tokens=-1"),
+    ],
+)
+def test_run_settings_are_checked_before_any_data(
+    compose_train_config, overrides: list[str], words: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        validate(compose_train_config(*overrides))
+
+
+def test_resume_refuses_a_char_vocabulary_from_other_data(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "last.ckpt"
+    saved = {"model": {"vocab_size": 3}, "tokenizer": CharTokenizer("abc").to_dict()}
+    torch.save({"hyper_parameters": saved}, checkpoint)
+    check_checkpoint_tokenizer(str(checkpoint), CharTokenizer("abc"))
+    with pytest.raises(ConfigError, match="3 tokens built from its corpus"):
+        check_checkpoint_tokenizer(str(checkpoint), CharTokenizer("abd"))

@@ -11,6 +11,7 @@ from gptlab.generation import (
     check_sampling,
     encode_prompt,
     generate,
+    generate_text_simple,
     next_token,
     stream_text,
     stream_tokens,
@@ -19,21 +20,6 @@ from gptlab.model import BigramModel, GPTConfig, GPTModel
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer
 
 CONTEXT = 8
-
-
-def generate_text_simple(
-    model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
-) -> torch.Tensor:
-    """The seed notebooks' greedy loop, verbatim in behaviour: no cache, cropped context."""
-    for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]
-        with torch.no_grad():
-            logits = model(idx_cond)
-        logits = logits[:, -1, :]
-        probas = torch.softmax(logits, dim=-1)
-        idx_next = torch.argmax(probas, dim=-1, keepdim=True)
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
 
 
 @pytest.fixture

@@ -284,8 +284,8 @@ class NonFiniteLossGuard(Callback):
         raise NonFiniteLossError(
             f"Training stopped at step {trainer.global_step + 1}: the loss is {loss.item()} "
             f"(not finite), so that step was not applied. {kept}. The learning rate was {lr}: "
-            f"start again with a lower optimizer.lr, optimizer.warmup_steps, or "
-            f"trainer.gradient_clip_val=1.0."
+            f"start again with a lower optimizer.lr, more optimizer.warmup_steps, or a "
+            f"lower trainer.gradient_clip_val."
         )
 
     def on_save_checkpoint(
@@ -296,7 +296,7 @@ class NonFiniteLossGuard(Callback):
                 raise NonFiniteLossError(
                     f"Not saving a checkpoint at step {trainer.global_step}: parameter {name} "
                     f"holds nan or inf, so the last good checkpoint is kept. Start again with a "
-                    f"lower optimizer.lr or trainer.gradient_clip_val=1.0."
+                    f"lower optimizer.lr or trainer.gradient_clip_val."
                 )
 
 
@@ -329,7 +329,12 @@ class GracefulInterrupt(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        # Mid-accumulation the gradients so far would be lost while the data position counts
+        # their batches as done, so stop only where an optimizer step has just been taken.
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (
+            batch_idx + 1 == trainer.num_training_batches
+        )
+        if not stepped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)

@@ -21,12 +21,9 @@ from contextlib import contextmanager
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+from gptlab.cli import in_multirun
 
 
 def forward_ddp_children_to_this_job() -> None:

@@ -1,23 +1,31 @@
 """Scoring a model on text: loss, perplexity and next-token accuracy over training's windows.
 
 The windows are `data.TokenWindows`, the ones training validates on, so a checkpoint's
-evaluated loss on its own val split equals its logged `val/loss`.
+evaluated loss on its whole val split equals its logged `val/loss` on a single device with
+every val batch (`trainer.limit_val_batches=1.0`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gptlab.cli import resolve_device
 from gptlab.data import GPTDataModule, TokenWindows, load_corpus, split_tokens
 from gptlab.errors import ConfigError
+from gptlab.loading import load_model
 from gptlab.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -152,10 +160,65 @@ def data_split_tokens(
     The datamodule comes back for its window settings (stride, batch size); the tokens are
     encoded with the model's own tokenizer, never one rebuilt from this corpus.
     """
-    if split not in ("train", "val"):
-        raise ConfigError(f"split={split!r} is unknown: use train or val.")
     datamodule = GPTDataModule(**data)
     datamodule.prepare_data()
     text = load_corpus(**datamodule.corpus_options)
     train, val = split_tokens(np.asarray(tokenizer.encode(text)), datamodule.train_ratio)
     return (train if split == "train" else val), datamodule
+
+
+def check_evaluate_config(cfg: DictConfig) -> None:
+    """Everything that can be wrong with the request, checked before a model is loaded."""
+    has_data = cfg.get("data") is not None
+    if bool(cfg.text_file) == has_data:
+        raise ConfigError(
+            "Give exactly one text to score: text_file=<path> or data=<config> "
+            f"(e.g. data=verdict split=val); got text_file={cfg.text_file!r} and "
+            f"data={'set' if has_data else 'not set'}."
+        )
+    if cfg.show_tokens < 0:
+        raise ConfigError(f"show_tokens={cfg.show_tokens} must be >= 0 (0 shows no table).")
+    if has_data and cfg.split not in ("train", "val"):
+        raise ConfigError(f"split={cfg.split!r} is unknown: use train or val.")
+    batch_size = cfg.data.batch_size if has_data else cfg.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1.")
+    if not has_data and cfg.stride is not None and cfg.stride < 1:
+        raise ConfigError(f"stride={cfg.stride} must be >= 1, or null for the context length.")
+
+
+def evaluate(cfg: DictConfig) -> Score:
+    """Score the model `cfg` names on the text it names, print the report, return the score."""
+    check_evaluate_config(cfg)
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.ckpt, cfg.pretrained, cfg.paths.log_dir)
+    model, tokenizer = loaded.model.to(device), loaded.tokenizer
+    context_length = loaded.config.context_length
+    if cfg.get("data") is not None:
+        with open_dict(cfg.data):
+            cfg.data.tokenizer = tokenizer.name
+            cfg.data.context_length = context_length
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        tokens, datamodule = data_split_tokens(data, tokenizer, cfg.split)
+        text = f"the {cfg.split} split of data={HydraConfig.get().runtime.choices['data']}"
+        stride, batch_size = datamodule.stride, datamodule.batch_size
+    else:
+        tokens = text_file_tokens(cfg.text_file, tokenizer)
+        text = f"text_file={cfg.text_file}"
+        stride, batch_size = cfg.stride, cfg.batch_size
+    windows = token_windows(tokens, context_length, stride)
+    log.info("Scoring %s with %s on %s", text, loaded.source, device)
+    result = score(model, DataLoader(windows, batch_size=batch_size), device)
+    if cfg.show_tokens:
+        print(format_rows(token_rows(model, tokenizer, windows, cfg.show_tokens, device)))
+        print()
+    print(f"Model:      {loaded.source}")
+    print(f"Text:       {text} ({len(tokens):,} tokens)")
+    print(
+        f"Windows:    {len(windows):,} of {windows.context_length} tokens, stride {windows.stride}"
+    )
+    print(f"Scored:     {result.tokens:,} tokens")
+    print(f"Loss:       {result.loss:.4f}")
+    print(f"Perplexity: {result.perplexity:.2f}")
+    print(f"Accuracy:   {result.accuracy:.2%} (top-1 next token)")
+    return result

@@ -190,3 +190,18 @@ def stream_text(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     text = tokenizer.decode(ids)
     if len(text) > shown:
         yield text[shown:]
+
+
+@torch.no_grad()
+def generate_text_simple(
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int
+) -> torch.Tensor:
+    """The seed notebooks' greedy loop: the whole cropped context at every step, no cache.
+
+    Kept as the reference that `generate` is tested and benchmarked against.
+    """
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context_size:])[:, -1, :]
+        idx_next = torch.argmax(torch.softmax(logits, dim=-1), dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx

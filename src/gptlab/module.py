@@ -13,7 +13,17 @@ import torch.nn.functional as F
 from gptlab.errors import ConfigError
 from gptlab.flops import training_flops_per_batch
 from gptlab.model import GPTConfig, build_model
-from gptlab.tokenizers import tokenizer_from_dict
+from gptlab.tokenizers import Tokenizer, tokenizer_from_dict
+
+
+def check_vocab_size(vocab_size: int, tokenizer: Tokenizer) -> None:
+    """The embedding rows must be the tokenizer's ids, or tokens would read other rows."""
+    if vocab_size != tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} does not match the {tokenizer.name} tokenizer's "
+            f"{tokenizer.vocab_size} tokens: set model.vocab_size={tokenizer.vocab_size}, or "
+            f"null to follow the tokenizer."
+        )
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,14 +39,23 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_optimizer(optimizer: dict[str, Any]) -> None:
     lr = optimizer["lr"]
-    if not lr > 0:
+    if not is_number(lr) or not lr > 0:
         raise ConfigError(f"optimizer.lr={lr!r} must be positive, e.g. 4e-4.")
-    if optimizer.get("weight_decay", 0.0) < 0:
-        raise ConfigError(f"optimizer.weight_decay={optimizer['weight_decay']!r} must be >= 0.")
-    if optimizer.get("warmup_steps", 0) < 0:
-        raise ConfigError(f"optimizer.warmup_steps={optimizer['warmup_steps']!r} must be >= 0.")
+    for key in ("weight_decay", "warmup_steps", "min_lr"):
+        value = optimizer.get(key, 0)
+        if not is_number(value) or value < 0:
+            raise ConfigError(f"optimizer.{key}={value!r} must be a number >= 0.")
+    betas = optimizer.get("betas", (0.9, 0.999))
+    if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(
+            f"optimizer.betas={list(betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]."
+        )
     schedule = optimizer.get("schedule", "constant")
     if schedule not in ("constant", "cosine"):
         raise ConfigError(f"optimizer.schedule={schedule!r} is unknown: use constant or cosine.")
@@ -78,12 +97,7 @@ class GPTLightningModule(L.LightningModule):
         check_optimizer(optimizer)
         self.config = GPTConfig(**model)
         self.tokenizer = tokenizer_from_dict(tokenizer)
-        if self.config.vocab_size != self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={self.config.vocab_size} does not match the "
-                f"{self.tokenizer.name} tokenizer's {self.tokenizer.vocab_size} tokens: set "
-                f"model.vocab_size={self.tokenizer.vocab_size}, or null to follow the tokenizer."
-            )
+        check_vocab_size(self.config.vocab_size, self.tokenizer)
         self.model = build_model(self.config)
         self.matrix_names = {name for name, p in self.named_parameters() if p.dim() >= 2}
         # Compile the inner forward, not the module, so state_dict keys keep no `_orig_mod.`

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from gptlab.errors import ConfigError
+from gptlab.tokenizers import Tokenizer
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -118,3 +119,16 @@ def check_checkpoint_fits(path: str, model: dict[str, Any]) -> None:
                 f"has model.{key}={value!r}: resume with the checkpoint's model settings "
                 f"(model.{key}={saved[key]!r}), or start a new run without ckpt_path/resume."
             )
+
+
+def check_checkpoint_tokenizer(path: str, tokenizer: Tokenizer) -> None:
+    """A char vocabulary is rebuilt from the corpus on resume; it must be the saved one."""
+    saved = read_checkpoint_settings(path)["tokenizer"]
+    if saved != tokenizer.to_dict():
+        raise ConfigError(
+            f"Checkpoint {path} was trained with a {saved['name']} tokenizer of "
+            f"{len(saved.get('chars', '')) or 'another'} tokens built from its corpus, but this "
+            f"run's data gives a different {tokenizer.name} vocabulary "
+            f"({tokenizer.vocab_size} tokens), so token ids would mean other characters: "
+            f"resume with the data settings of the original run."
+        )

@@ -44,8 +44,8 @@ COLUMNS = (
 class RunRecord:
     """What a sweep needs to know about one run; stored as `<run dir>/run_summary.json`."""
 
-    # running (or killed before it could say otherwise), completed, failed; `unknown` is
-    # what a summary shows for a run directory without a record.
+    # running (or killed before it could say otherwise), completed, failed, interrupted
+    # (Ctrl-C, resumable); `unknown` is what a summary shows for a run without a record.
     status: str
     overrides: list[str]
     best_val_loss: float | None = None

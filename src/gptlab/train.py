@@ -22,12 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.callbacks import TrainingCurves
 from gptlab.data import GPTDataModule
-from gptlab.errors import ConfigError
-from gptlab.generation import encode_prompt, generate
+from gptlab.errors import ConfigError, TrainingInterrupted
+from gptlab.generation import check_sampling, encode_prompt, generate
 from gptlab.loading import find_initial_weights, load_initial_weights
 from gptlab.model import GPTConfig, count_parameters
-from gptlab.module import GPTLightningModule, check_optimizer
-from gptlab.resume import check_checkpoint_fits, checkpoint_to_resume
+from gptlab.module import GPTLightningModule, check_optimizer, check_vocab_size
+from gptlab.resume import (
+    check_checkpoint_fits,
+    check_checkpoint_tokenizer,
+    checkpoint_to_resume,
+)
 from gptlab.sweep import RunRecord, error_line, write_run_record
 from gptlab.tokenizers import TOKENIZER_NAMES, GPT2Tokenizer
 
@@ -67,13 +71,11 @@ def validate(cfg: DictConfig) -> None:
         )
     GPTConfig(**model_settings(model, vocab_size=1))
     if model["tokenizer"] == "gpt2" and model.get("vocab_size") is not None:
-        vocab_size = GPT2Tokenizer().vocab_size
-        if model["vocab_size"] != vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={model['vocab_size']} does not match the gpt2 tokenizer's "
-                f"{vocab_size} tokens: set model.vocab_size={vocab_size}."
-            )
-    check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
+        check_vocab_size(model["vocab_size"], GPT2Tokenizer())
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    check_optimizer(optimizer)
+    check_run_length(cfg.trainer, optimizer)
+    check_sampling(0.0, None, None, cfg.max_new_tokens)
     if cfg.optimized_metric not in OPTIMIZED_METRICS:
         raise ConfigError(
             f"optimized_metric={cfg.optimized_metric!r} is unknown: use one of "
@@ -87,6 +89,28 @@ def validate(cfg: DictConfig) -> None:
         check_checkpoint_fits(ckpt_path, model)
     if cfg.get("init_from"):
         find_initial_weights(cfg.init_from)
+
+
+def check_run_length(trainer: DictConfig, optimizer: dict[str, Any]) -> None:
+    """Refuse runs that would never validate, or a cosine schedule with no end to decay to."""
+    max_steps, max_epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
+    endless = max_steps in (-1, None) and max_epochs in (-1, None)
+    if endless and optimizer.get("schedule") == "cosine":
+        raise ConfigError(
+            "optimizer.schedule=cosine needs a finite run: set trainer.max_steps "
+            "or trainer.max_epochs."
+        )
+    interval = trainer.get("val_check_interval")
+    if trainer.get("limit_val_batches") == 0:
+        raise ConfigError(
+            "trainer.limit_val_batches=0 turns validation off, but the best checkpoint, the "
+            "val curves and the sweep metric all need it: use e.g. trainer.limit_val_batches=10."
+        )
+    if isinstance(interval, int) and max_steps not in (-1, None) and interval > max_steps:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} is more than trainer.max_steps={max_steps}, "
+            f"so the run would never validate: set trainer.val_check_interval={max_steps} or less."
+        )
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
@@ -162,7 +186,8 @@ def run(cfg: DictConfig) -> float:
         trainer = fit(cfg)
     except Exception as err:
         elapsed = time.perf_counter() - started
-        record = RunRecord("failed", overrides, wall_time_s=elapsed, error=error_line(err))
+        status = "interrupted" if isinstance(err, TrainingInterrupted) else "failed"
+        record = RunRecord(status, overrides, wall_time_s=elapsed, error=error_line(err))
         record_run(run_dir, record)
         raise
     best = best_val_loss(trainer)
@@ -194,6 +219,9 @@ def fit(cfg: DictConfig) -> L.Trainer:
     datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
+    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
+    if ckpt_path:
+        check_checkpoint_tokenizer(ckpt_path, tokenizer)
     prompt = encode_prompt(tokenizer, cfg.prompt)
     module = GPTLightningModule(
         model=model_settings(OmegaConf.to_container(cfg.model, resolve=True), tokenizer.vocab_size),
@@ -213,7 +241,6 @@ def fit(cfg: DictConfig) -> L.Trainer:
         f"{len(datamodule.val_tokens):,}",
     )
     trainer = build_trainer(cfg)
-    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
     if not ckpt_path:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
         log.info(
