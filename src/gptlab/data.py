@@ -14,6 +14,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
@@ -23,6 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from gptlab.errors import ConfigError
 from gptlab.sampling import ResumableDataLoader, ResumableSampler
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, build_tokenizer
+
+if TYPE_CHECKING:
+    import datasets
 
 SOURCES = ("pydocs", "text_files", "hf", "download", "prepared")
 
@@ -141,28 +145,43 @@ def check_utf8(path: str, chunk_size: int = 1 << 20) -> None:
         )
 
 
-def load_text_files(files: list[str]) -> list[str]:
-    """Whole files as documents, through `datasets`' `text` loader."""
+def corpus_files(source: str, path: str | list[str] | None, corpus: str | None) -> list[str]:
+    """The local files of a `text_files` or `download` source, downloaded first if need be."""
+    if source == "download":
+        if corpus not in CORPORA:
+            raise ConfigError(f"data.corpus={corpus!r} is unknown: choose one of {list(CORPORA)}.")
+        return [str(fetch_corpus(CORPORA[corpus]))]
+    if path is None:
+        raise ConfigError("data=text_files needs data.path=<file, glob or list of files>.")
+    return resolve_text_files(path)
+
+
+def text_files_dataset(files: list[str], keep_in_memory: bool = True) -> datasets.Dataset:
+    """Whole files as documents (one per row, column `text`), via `datasets`' `text` loader."""
     import datasets
 
     for path in files:
         check_utf8(path)
-    dataset = datasets.load_dataset(
-        "text", data_files=files, sample_by="document", split="train", keep_in_memory=True
+    return datasets.load_dataset(
+        "text", data_files=files, sample_by="document", split="train", keep_in_memory=keep_in_memory
     )
-    return list(dataset["text"])
 
 
-def load_hf_dataset(name: str, config: str | None, split: str, text_column: str) -> list[str]:
+def hf_text_dataset(
+    name: str | None, config: str | None, split: str, text_column: str
+) -> datasets.Dataset:
+    """A Hugging Face dataset's text column, renamed `text`."""
     import datasets
 
+    if not name:
+        raise ConfigError("data=hf needs data.name=<Hugging Face dataset id>.")
     dataset = datasets.load_dataset(name, config, split=split)
     if text_column not in dataset.column_names:
         raise ConfigError(
             f"data.text_column={text_column!r} is not a column of {name} ({split}): "
             f"choose one of {dataset.column_names}."
         )
-    return list(dataset[text_column])
+    return dataset.select_columns([text_column]).rename_column(text_column, "text")
 
 
 def load_pydocs() -> list[str]:
@@ -185,21 +204,12 @@ def load_corpus(
     if source == "pydocs":
         documents = load_pydocs()
         origin = "pydoc_data.topics"
-    elif source == "text_files":
-        if path is None:
-            raise ConfigError("data=text_files needs data.path=<file, glob or list of files>.")
-        documents = load_text_files(resolve_text_files(path))
-        origin = f"data.path={path!r}"
+    elif source in ("text_files", "download"):
+        documents = text_files_dataset(corpus_files(source, path, corpus))["text"]
+        origin = f"data.path={path!r}" if source == "text_files" else f"corpus {corpus!r}"
     elif source == "hf":
-        if not name:
-            raise ConfigError("data=hf needs data.name=<Hugging Face dataset id>.")
-        documents = load_hf_dataset(name, config, split, text_column)
+        documents = hf_text_dataset(name, config, split, text_column)["text"]
         origin = f"Hugging Face dataset {name!r}"
-    elif source == "download":
-        if corpus not in CORPORA:
-            raise ConfigError(f"data.corpus={corpus!r} is unknown: choose one of {list(CORPORA)}.")
-        documents = load_text_files([str(fetch_corpus(CORPORA[corpus]))])
-        origin = f"corpus {corpus!r}"
     else:
         raise ConfigError(f"data.source={source!r} is unknown: choose one of {list(SOURCES)}.")
     text = "\n\n".join(documents)

@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow.compute as pc
 
 from gptlab.data import (
-    CORPORA,
-    fetch_corpus,
+    corpus_files,
+    hf_text_dataset,
     load_pydocs,
-    resolve_text_files,
     sha256_of,
+    text_files_dataset,
     token_dtype,
 )
 from gptlab.errors import ConfigError
@@ -52,33 +52,13 @@ def corpus_dataset(
     import datasets
 
     if source in ("text_files", "download"):
-        if source == "download":
-            if corpus not in CORPORA:
-                raise ConfigError(
-                    f"data.corpus={corpus!r} is unknown: choose one of {list(CORPORA)}."
-                )
-            files = [str(fetch_corpus(CORPORA[corpus]))]
-        elif path is None:
-            raise ConfigError("data=text_files needs data.path=<file, glob or list of files>.")
-        else:
-            files = resolve_text_files(path)
-        dataset = datasets.load_dataset(
-            "text", data_files=files, sample_by="document", split="train"
-        )
+        files = corpus_files(source, path, corpus)
+        dataset = text_files_dataset(files, keep_in_memory=False)
         digest = hashlib.sha256("".join(sha256_of(Path(f)) for f in files).encode()).hexdigest()
         return dataset, f"sha256:{digest}"
     if source == "hf":
-        if not name:
-            raise ConfigError("data=hf needs data.name=<Hugging Face dataset id>.")
-        dataset = datasets.load_dataset(name, config, split=split)
-        if text_column not in dataset.column_names:
-            raise ConfigError(
-                f"data.text_column={text_column!r} is not a column of {name} ({split}): "
-                f"choose one of {dataset.column_names}."
-            )
-        return dataset.select_columns([text_column]).rename_column(text_column, "text"), (
-            f"datasets-fingerprint:{dataset._fingerprint}"
-        )
+        dataset = hf_text_dataset(name, config, split, text_column)
+        return dataset, f"datasets-fingerprint:{dataset._fingerprint}"
     if source == "pydocs":
         documents = load_pydocs()
         digest = hashlib.sha256("\0".join(documents).encode()).hexdigest()
