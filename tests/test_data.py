@@ -57,7 +57,7 @@ def test_split_sizes() -> None:
 
 
 def test_pydocs_is_available_without_download() -> None:
-    text = load_corpus("pydocs")
+    text = load_corpus(source="pydocs")
     assert len(text) > 400_000
     assert "lambda" in text
 
@@ -65,20 +65,20 @@ def test_pydocs_is_available_without_download() -> None:
 def test_text_files_glob_loads_every_file(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("first file\nline two\n")
     (tmp_path / "b.txt").write_text("second file")
-    text = load_corpus("text_files", path=str(tmp_path / "*.txt"))
+    text = load_corpus(source="text_files", path=str(tmp_path / "*.txt"))
     assert text == "first file\nline two\n\n\nsecond file"
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nothere.txt.*matches no file"):
-        load_corpus("text_files", path=str(tmp_path / "nothere.txt"))
+        load_corpus(source="text_files", path=str(tmp_path / "nothere.txt"))
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ConfigError, match="empty"):
-        load_corpus("text_files", path=str(empty))
+        load_corpus(source="text_files", path=str(empty))
 
 
 def test_short_val_split_names_sizes_and_fix(tmp_path: Path) -> None:

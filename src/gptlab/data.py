@@ -14,7 +14,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -191,29 +191,40 @@ def load_pydocs() -> list[str]:
     return list(topics.values())
 
 
-def load_corpus(
-    source: str,
+def corpus_documents(
+    source: str = "pydocs",
     path: str | list[str] | None = None,
     corpus: str | None = None,
     name: str | None = None,
     config: str | None = None,
     split: str = "train",
     text_column: str = "text",
-) -> str:
-    """The whole corpus as one string, documents separated by a blank line."""
+    keep_in_memory: bool = True,
+) -> datasets.Dataset:
+    """The corpus the data group names, one document per row in column `text`."""
+    import datasets
+
     if source == "pydocs":
-        documents = load_pydocs()
-        origin = "pydoc_data.topics"
-    elif source in ("text_files", "download"):
-        documents = text_files_dataset(corpus_files(source, path, corpus))["text"]
-        origin = f"data.path={path!r}" if source == "text_files" else f"corpus {corpus!r}"
-    elif source == "hf":
-        documents = hf_text_dataset(name, config, split, text_column)["text"]
-        origin = f"Hugging Face dataset {name!r}"
-    else:
-        raise ConfigError(f"data.source={source!r} is unknown: choose one of {list(SOURCES)}.")
-    text = "\n\n".join(documents)
+        return datasets.Dataset.from_dict({"text": load_pydocs()})
+    if source in ("text_files", "download"):
+        return text_files_dataset(corpus_files(source, path, corpus), keep_in_memory)
+    if source == "hf":
+        return hf_text_dataset(name, config, split, text_column)
+    raise ConfigError(
+        f"data.source={source!r} has no text to load: choose one of "
+        f"pydocs, text_files, hf, download."
+    )
+
+
+def load_corpus(**source: Any) -> str:
+    """The whole corpus as one string, documents separated by a blank line."""
+    text = "\n\n".join(corpus_documents(**source)["text"])
     if not text.strip():
+        origin = {
+            "text_files": f"data.path={source.get('path')!r}",
+            "download": f"corpus {source.get('corpus')!r}",
+            "hf": f"Hugging Face dataset {source.get('name')!r}",
+        }.get(source.get("source", "pydocs"), "pydoc_data.topics")
         raise ConfigError(
             f"The corpus from {origin} is empty ({len(text)} characters): give it some text."
         )

@@ -12,21 +12,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from gptlab.data import (
-    corpus_files,
-    hf_text_dataset,
-    load_pydocs,
-    sha256_of,
-    text_files_dataset,
-    token_dtype,
-)
+from gptlab.data import corpus_documents, corpus_files, sha256_of, token_dtype
 from gptlab.errors import ConfigError
 from gptlab.tokenizers import GPT2Tokenizer, tokenizer_from_dict
+
+if TYPE_CHECKING:
+    import datasets
 
 TOKENS_FILE = "tokens.bin"
 METADATA_FILE = "meta.json"
@@ -35,37 +31,23 @@ CORPUS_KEYS = ("source", "path", "corpus", "name", "config", "split", "text_colu
 _tokenizer: GPT2Tokenizer | None = None
 
 
-def corpus_dataset(
-    source: str,
-    path: str | list[str] | None = None,
-    corpus: str | None = None,
-    name: str | None = None,
-    config: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-) -> tuple[Any, str]:
+def corpus_dataset(**source: Any) -> tuple[datasets.Dataset, str]:
     """The corpus as a `datasets.Dataset` with one document per row, and a hash of its source.
 
     Unlike `data.load_corpus` nothing is joined into one string, so the corpus may be
     larger than memory: `datasets` keeps it in memory-mapped Arrow files.
     """
-    import datasets
-
-    if source in ("text_files", "download"):
-        files = corpus_files(source, path, corpus)
-        dataset = text_files_dataset(files, keep_in_memory=False)
+    if source.get("source") == "prepared":
+        raise ConfigError("data=prepared is already prepared: give the corpus it came from.")
+    dataset = corpus_documents(**source, keep_in_memory=False)
+    if source["source"] in ("text_files", "download"):
+        files = corpus_files(source["source"], source.get("path"), source.get("corpus"))
         digest = hashlib.sha256("".join(sha256_of(Path(f)) for f in files).encode()).hexdigest()
         return dataset, f"sha256:{digest}"
-    if source == "hf":
-        dataset = hf_text_dataset(name, config, split, text_column)
+    if source["source"] == "hf":
         return dataset, f"datasets-fingerprint:{dataset._fingerprint}"
-    if source == "pydocs":
-        documents = load_pydocs()
-        digest = hashlib.sha256("\0".join(documents).encode()).hexdigest()
-        return datasets.Dataset.from_dict({"text": documents}), f"sha256:{digest}"
-    raise ConfigError(
-        f"data.source={source!r} cannot be prepared: use text_files, download, hf or pydocs."
-    )
+    digest = hashlib.sha256("\0".join(dataset["text"]).encode()).hexdigest()
+    return dataset, f"sha256:{digest}"
 
 
 def encode_documents(batch: dict[str, list[str]]) -> dict[str, list]:
