@@ -330,12 +330,7 @@ class GPTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download once per node, before any process reads the corpus."""
         if self.corpus_options["source"] == "download":
-            name = self.corpus_options["corpus"]
-            if name not in CORPORA:
-                raise ConfigError(
-                    f"data.corpus={name!r} is unknown: choose one of {list(CORPORA)}."
-                )
-            fetch_corpus(CORPORA[name])
+            corpus_files("download", None, self.corpus_options["corpus"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
