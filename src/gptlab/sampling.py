@@ -3,6 +3,10 @@
 Lightning restores weights, optimizer, schedule and loop counters from a checkpoint, and calls
 `state_dict`/`load_state_dict` on a training DataLoader that has them; a plain DataLoader would
 start the interrupted epoch again from its first batch, in a new order.
+
+The shuffled order is computed per position, never held as a list: a list of every window
+index grows with the corpus (a Python int per window, ~36 bytes), and on a 10 GB corpus with a
+small stride it would not fit in memory at all.
 """
 
 from __future__ import annotations
@@ -11,25 +15,80 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX_2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every input bit flips about half the output bits."""
+    x = (x ^ (x >> np.uint64(30))) * MIX_1
+    x = (x ^ (x >> np.uint64(27))) * MIX_2
+    return x ^ (x >> np.uint64(31))
+
+
+class WindowPermutation:
+    """A pseudo-random permutation of range(n) that maps positions to indices in O(1) memory.
+
+    A Feistel network is a bijection on [0, 4^h) whatever its round function; values that land
+    at n or beyond are sent through it again ("cycle walking") until they fall below n, which
+    keeps it a bijection on range(n). The domain is under 4n, so that takes few passes.
+    """
+
+    ROUNDS = 6
+    CHUNK = 1 << 16
+
+    def __init__(self, n: int, seed: int, epoch: int) -> None:
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        rng = np.random.default_rng([seed, epoch])
+        self.keys = rng.integers(0, 2**63, self.ROUNDS, dtype=np.uint64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        with np.errstate(over="ignore"):
+            for key in self.keys:
+                left, right = right, left ^ (mix64(right ^ key) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        indices = self._feistel(positions.astype(np.uint64))
+        outside = np.flatnonzero(indices >= self.n)
+        while len(outside):
+            indices[outside] = self._feistel(indices[outside])
+            outside = outside[indices[outside] >= self.n]
+        return indices.astype(np.int64)
 
 
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler that also runs without a process group and can start mid-epoch.
 
     Being a DistributedSampler, Lightning keeps it under DDP instead of injecting its own, so
-    ranks still get disjoint shares. The order depends only on the seed and the epoch (Lightning
+    ranks still get disjoint shares: rank r takes positions r, r + R, r + 2R, ... of one
+    epoch's order, and, as DistributedSampler does, wraps around to pad the last round or
+    drops it with `drop_last`. The order depends only on the seed and the epoch (Lightning
     calls `set_epoch`), never on the global RNG, so it is the same after a resume.
     """
 
-    def __init__(self, dataset: Dataset, shuffle: bool) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        shuffle: bool,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        """`num_replicas` and `rank` default to the process group's, or 1 and 0 without one."""
         distributed = dist.is_available() and dist.is_initialized()
         super().__init__(
             dataset,
-            num_replicas=dist.get_world_size() if distributed else 1,
-            rank=dist.get_rank() if distributed else 0,
+            num_replicas=num_replicas or (dist.get_world_size() if distributed else 1),
+            rank=rank if rank is not None else (dist.get_rank() if distributed else 0),
             shuffle=shuffle,
             # The seed Lightning's seed_everything exported, as for the samplers it injects.
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
@@ -38,9 +97,15 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         """This rank's indices for the epoch, less the first `skip`, which applies once."""
-        indices = list(super().__iter__())[self.skip :]
+        n = len(self.dataset)
+        order = WindowPermutation(n, self.seed, self.epoch) if self.shuffle else None
+        start = self.rank + self.skip * self.num_replicas
         self.skip = 0
-        return iter(indices)
+        step = WindowPermutation.CHUNK * self.num_replicas
+        for chunk_start in range(start, self.total_size, step):
+            chunk_end = min(chunk_start + step, self.total_size)
+            positions = np.arange(chunk_start, chunk_end, self.num_replicas) % n
+            yield from (positions if order is None else order(positions)).tolist()
 
 
 class ResumableDataLoader(DataLoader):
