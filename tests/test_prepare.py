@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from conftest import TINY_RUN, needs_tiktoken, run_script
 from gptlab.data import GPTDataModule, TokenWindows, split_tokens
 from gptlab.errors import ConfigError
-from gptlab.prepared import open_prepared, prepare_corpus
+from gptlab.prepared import TokenFile, open_prepared, prepare_corpus
 from gptlab.tokenizers import GPT2Tokenizer
 
 WORDS = ["the", "a", "model", "token", "window", "memory", "corpus", "train", "loss", "of"]
@@ -50,8 +51,8 @@ def test_token_file_holds_each_document_then_endoftext(prepared) -> None:
     tokenizer = GPT2Tokenizer()
     expected = [i for f in files for i in [*tokenizer.encode(f.read_text()), tokenizer.eot_id]]
     tokenizer_back, tokens = open_prepared(out_dir, "gpt2")
-    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
-    assert tokens.tolist() == expected
+    assert isinstance(tokens, TokenFile) and tokens.dtype == np.uint16
+    assert np.asarray(tokens).tolist() == expected
     assert (out_dir / "tokens.bin").stat().st_size == 2 * len(expected)
     saved = json.loads((out_dir / "meta.json").read_text())
     assert saved == metadata
@@ -61,22 +62,80 @@ def test_token_file_holds_each_document_then_endoftext(prepared) -> None:
     assert saved["source_hash"] == "sha256:" + hashlib.sha256(file_hashes.encode()).hexdigest()
 
 
+def write_token_file(path: Path, n_tokens: int) -> tuple[TokenFile, np.ndarray]:
+    tokens = np.random.default_rng(0).integers(0, 50257, n_tokens, dtype=np.uint16)
+    tokens.tofile(path)
+    return TokenFile.open(path, "uint16", n_tokens), tokens
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        slice(None),
+        slice(10, 20),
+        slice(-7, None),
+        slice(None, -3),
+        slice(990, 2000),
+        slice(50, 40),
+        slice(-5000, 5),
+    ],
+)
+def test_token_file_slices_read_like_numpy(tmp_path: Path, key: slice) -> None:
+    token_file, tokens = write_token_file(tmp_path / "tokens.bin", 1000)
+    view = token_file[key]
+    assert len(view) == len(tokens[key])
+    assert np.array_equal(np.asarray(view), tokens[key])
+    assert np.array_equal(view.astype(np.int64), tokens[key].astype(np.int64))
+    assert np.array_equal(np.asarray(view[3:9]), tokens[key][3:9])
+
+
+def test_token_file_is_read_not_mapped(tmp_path: Path) -> None:
+    token_file, tokens = write_token_file(tmp_path / "tokens.bin", 100_000)
+    windows = TokenWindows(token_file, context_length=64, stride=64)
+    for index in range(len(windows)):
+        windows[index]
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: a memmap would be listed there, and its read pages in RSS.
+        assert "tokens.bin" not in maps.read_text()
+    copy = pickle.loads(pickle.dumps(windows))
+    # A pickle (a spawned worker's dataset) carries the path, not the tokens.
+    assert len(pickle.dumps(windows)) < 1000
+    assert torch.equal(copy[7][0], torch.from_numpy(tokens[448:512].astype(np.int64)))
+
+
+def test_token_file_serves_forked_workers(tmp_path: Path) -> None:
+    token_file, tokens = write_token_file(tmp_path / "tokens.bin", 20_000)
+    windows = TokenWindows(token_file, context_length=32, stride=32)
+    loader = torch.utils.data.DataLoader(windows, batch_size=16, num_workers=2)
+    inputs = torch.cat([batch for batch, _ in loader])
+    expected = torch.from_numpy(tokens[: len(windows) * 32].astype(np.int64)).view(-1, 32)
+    assert torch.equal(inputs, expected)
+
+
+def test_token_file_size_must_match_its_metadata(tmp_path: Path) -> None:
+    write_token_file(tmp_path / "tokens.bin", 1000)
+    with pytest.raises(ConfigError, match=r"2,000 bytes, not the 1,001 uint16 tokens"):
+        TokenFile.open(tmp_path / "tokens.bin", "uint16", 1001)
+    with pytest.raises(TypeError, match="contiguous slices"):
+        TokenFile.open(tmp_path / "tokens.bin", "uint16", 1000)[::2]
+
+
 @needs_tiktoken
-def test_memmap_windows_equal_in_memory_windows(prepared) -> None:
+def test_token_file_windows_equal_in_memory_windows(prepared) -> None:
     _, out_dir, _ = prepared
     _, tokens = open_prepared(out_dir, "gpt2")
     in_memory = np.array(tokens)
     for context_length, stride in ((32, 32), (16, 5)):
-        mapped = TokenWindows(tokens, context_length, stride)
+        from_disk = TokenWindows(tokens, context_length, stride)
         loaded = TokenWindows(in_memory, context_length, stride)
-        assert len(mapped) == len(loaded) > 50
+        assert len(from_disk) == len(loaded) > 50
         for index in range(len(loaded)):
-            for a, b in zip(mapped[index], loaded[index], strict=True):
+            for a, b in zip(from_disk[index], loaded[index], strict=True):
                 assert torch.equal(a, b)
 
 
 @needs_tiktoken
-def test_prepared_datamodule_serves_the_split_memmap(prepared) -> None:
+def test_prepared_datamodule_serves_the_split_token_file(prepared) -> None:
     _, out_dir, _ = prepared
     dm = GPTDataModule(
         source="prepared", dir=str(out_dir), context_length=16, batch_size=4, shuffle=False
@@ -84,7 +143,7 @@ def test_prepared_datamodule_serves_the_split_memmap(prepared) -> None:
     dm.setup("fit")
     _, tokens = open_prepared(out_dir, "gpt2")
     train, val = split_tokens(np.array(tokens), 0.9)
-    assert isinstance(dm.train_tokens, np.memmap) and isinstance(dm.val_tokens, np.memmap)
+    assert isinstance(dm.train_tokens, TokenFile) and isinstance(dm.val_tokens, TokenFile)
     assert np.array_equal(dm.train_tokens, train) and np.array_equal(dm.val_tokens, val)
     inputs, targets = next(iter(dm.val_dataloader()))
     assert inputs.tolist() == [val[i * 16 : i * 16 + 16].tolist() for i in range(4)]
@@ -106,7 +165,7 @@ def test_prepared_errors_name_the_fix(prepared, tmp_path: Path) -> None:
 
 @needs_tiktoken
 @pytest.mark.slow
-def test_prepare_script_then_train_from_memmap(tmp_path: Path) -> None:
+def test_prepare_script_then_train_from_token_file(tmp_path: Path) -> None:
     write_corpus(tmp_path / "corpus", n_files=4, words_per_file=3000, seed=1)
     out_dir = tmp_path / "prepared"
     result = run_script(

@@ -14,7 +14,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -27,6 +27,8 @@ from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
     import datasets
+
+    from gptlab.prepared import TokenFile
 
 SOURCES = ("pydocs", "text_files", "hf", "download", "prepared")
 
@@ -231,7 +233,10 @@ def load_corpus(**source: Any) -> str:
     return text
 
 
-def split_tokens(tokens: np.ndarray, train_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+TokenArray = TypeVar("TokenArray", np.ndarray, "TokenFile")
+
+
+def split_tokens(tokens: TokenArray, train_ratio: float) -> tuple[TokenArray, TokenArray]:
     """The first `train_ratio` of the stream for training, the rest for validation."""
     n_train = int(len(tokens) * train_ratio)
     return tokens[:n_train], tokens[n_train:]
@@ -241,10 +246,11 @@ class TokenWindows(Dataset):
     """Windows of `context_length` tokens every `stride` tokens, targets shifted by one.
 
     Same windows as the seed's `create_dataloader`: start positions
-    `range(0, len(tokens) - context_length, stride)`.
+    `range(0, len(tokens) - context_length, stride)`. The tokens are an array in memory or a
+    prepared corpus's `TokenFile`, read one window at a time.
     """
 
-    def __init__(self, tokens: np.ndarray, context_length: int, stride: int) -> None:
+    def __init__(self, tokens: np.ndarray | TokenFile, context_length: int, stride: int) -> None:
         self.tokens = tokens
         self.context_length = context_length
         self.stride = stride
@@ -324,8 +330,8 @@ class GPTDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.num_workers = num_workers
         self.tokenizer: GPT2Tokenizer | CharTokenizer | None = None
-        self.train_tokens: np.ndarray | None = None
-        self.val_tokens: np.ndarray | None = None
+        self.train_tokens: np.ndarray | TokenFile | None = None
+        self.val_tokens: np.ndarray | TokenFile | None = None
 
     def prepare_data(self) -> None:
         """Download once per node, before any process reads the corpus."""
@@ -336,7 +342,7 @@ class GPTDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         if self.corpus_options["source"] == "prepared":
-            # A read-only memmap: windows are read from disk, memory stays flat.
+            # Windows are read from disk one at a time, so memory stays flat.
             from gptlab.prepared import open_prepared
 
             tokenizer, tokens = open_prepared(self.prepared_dir, self.tokenizer_name)
@@ -369,7 +375,9 @@ class GPTDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_tokens, shuffle=False, drop_last=False)
 
-    def _loader(self, tokens: np.ndarray | None, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(
+        self, tokens: np.ndarray | TokenFile | None, shuffle: bool, drop_last: bool
+    ) -> DataLoader:
         if tokens is None:
             raise RuntimeError("GPTDataModule.setup() must run before asking for a dataloader.")
         windows = TokenWindows(tokens, self.context_length, self.stride)

@@ -1,9 +1,9 @@
 """Pre-tokenised corpora: token ids in a memory-mapped `.bin` file plus a JSON of metadata.
 
 A corpus far larger than memory is tokenised once, in parallel with `datasets.map`, into
-`tokens.bin` (uint16 for GPT-2's 50,257 ids). Training then reads its windows straight from
-an `np.memmap` of that file, so memory does not grow with the corpus. Each document is
-followed by `<|endoftext|>`, as in GPT-2's training data.
+`tokens.bin` (uint16 for GPT-2's 50,257 ids). Training then reads each window straight from
+that file (`TokenFile`), so memory does not grow with the corpus. Each document is followed by
+`<|endoftext|>`, as in GPT-2's training data.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from gptlab.data import corpus_documents, corpus_files, sha256_of, token_dtype
 from gptlab.errors import ConfigError
-from gptlab.tokenizers import GPT2Tokenizer, tokenizer_from_dict
+from gptlab.tokenizers import GPT2Tokenizer, Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:
     import datasets
@@ -99,16 +99,12 @@ def prepare_corpus(
     n_tokens = int(np.sum(tokenized["n_tokens"], dtype=np.int64))
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"{TOKENS_FILE}.partial"
-    tokens = np.memmap(partial, dtype=dtype, mode="w+", shape=(n_tokens,))
-    position = 0
-    # Arrow batches flatten to numpy without a Python int per token, so memory stays at
-    # one batch of documents.
-    for batch in tokenized.with_format("arrow").iter(batch_size=64):
-        chunk = pc.list_flatten(batch.column("ids")).to_numpy().astype(dtype, copy=False)
-        tokens[position : position + len(chunk)] = chunk
-        position += len(chunk)
-    tokens.flush()
-    del tokens
+    # Plain writes, not a memmap, whose written pages would stay in this process's RSS.
+    with partial.open("wb") as out:
+        # Arrow batches flatten to numpy without a Python int per token, so memory stays at
+        # one batch of documents.
+        for batch in tokenized.with_format("arrow").iter(batch_size=64):
+            pc.list_flatten(batch.column("ids")).to_numpy().astype(dtype, copy=False).tofile(out)
     os.replace(partial, out_dir / TOKENS_FILE)
     metadata = {
         "tokenizer": encoder.to_dict(),
@@ -122,8 +118,83 @@ def prepare_corpus(
     return metadata
 
 
-def open_prepared(directory: str | Path, tokenizer: str):
-    """The tokenizer and a read-only memmap of the tokens that `prepare_corpus` wrote."""
+class ReadOnlyFile:
+    """A file descriptor that a TokenFile and its slices share, opened again after unpickling.
+
+    Positioned reads (`preadv`) keep no file offset, so DataLoader workers forked with the
+    descriptor can read at once without racing; spawned workers unpickle their own.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def __getstate__(self) -> Path:
+        return self.path
+
+    def __setstate__(self, path: Path) -> None:
+        self.__init__(path)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+    def read_into(self, out: np.ndarray, offset: int) -> None:
+        if hasattr(os, "preadv"):
+            n_bytes = os.preadv(self.fd, [out], offset)
+        else:  # Windows: no preadv, but its workers are spawned, so each has its own offset.
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            data = os.read(self.fd, out.nbytes)
+            n_bytes = len(data)
+            out.view(np.uint8)[:n_bytes] = np.frombuffer(data, dtype=np.uint8)
+        if n_bytes != out.nbytes:
+            raise OSError(f"{self.path} ended {out.nbytes - n_bytes} bytes early at {offset}.")
+
+
+class TokenFile:
+    """The token ids of a `tokens.bin`, read from disk slice by slice.
+
+    Not an `np.memmap`: pages a memmap has read stay mapped and count in the process's RSS,
+    so a run's RSS climbs towards the file's size, and the kernel's read-ahead maps megabytes
+    around every random window. A read leaves its pages in the OS's shared, reclaimable page
+    cache instead. As with numpy, slicing gives a view; `astype` and `np.asarray` read.
+    """
+
+    def __init__(self, file: ReadOnlyFile, dtype: np.dtype, start: int, stop: int) -> None:
+        self.file = file
+        self.dtype = np.dtype(dtype)
+        self.start = start
+        self.stop = stop
+
+    @classmethod
+    def open(cls, path: Path, dtype: str, n_tokens: int) -> TokenFile:
+        size = path.stat().st_size
+        if size != n_tokens * np.dtype(dtype).itemsize:
+            raise ConfigError(
+                f"{path} holds {size:,} bytes, not the {n_tokens:,} {dtype} tokens its "
+                f"{METADATA_FILE} promises: prepare the corpus again."
+            )
+        return cls(ReadOnlyFile(path), np.dtype(dtype), 0, n_tokens)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: slice) -> TokenFile:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"A TokenFile takes contiguous slices, not {key!r}.")
+        start, stop, _ = key.indices(len(self))
+        return TokenFile(self.file, self.dtype, self.start + start, self.start + max(start, stop))
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        tokens = np.empty(len(self), dtype=self.dtype)
+        self.file.read_into(tokens, self.start * self.dtype.itemsize)
+        return tokens if dtype is None else tokens.astype(dtype)
+
+    def astype(self, dtype: np.dtype) -> np.ndarray:
+        return self.__array__(dtype)
+
+
+def open_prepared(directory: str | Path, tokenizer: str) -> tuple[Tokenizer, TokenFile]:
+    """The tokenizer and the token file that `prepare_corpus` wrote."""
     directory = Path(directory).expanduser()
     meta_path = directory / METADATA_FILE
     if not meta_path.is_file() or not (directory / TOKENS_FILE).is_file():
@@ -140,7 +211,5 @@ def open_prepared(directory: str | Path, tokenizer: str):
             f"model.tokenizer={tokenizer}: use a model with tokenizer {prepared_with}, or "
             f"prepare the corpus again."
         )
-    tokens = np.memmap(
-        directory / TOKENS_FILE, dtype=metadata["dtype"], mode="r", shape=(metadata["n_tokens"],)
-    )
+    tokens = TokenFile.open(directory / TOKENS_FILE, metadata["dtype"], metadata["n_tokens"])
     return tokenizer_from_dict(metadata["tokenizer"]), tokens
