@@ -4,7 +4,7 @@
 
 For each size it generates a corpus of ~1 MB text files (words drawn from CPython's docs),
 times `prepare_corpus` (datasets.map, `--num-proc` processes) against a single-process
-tiktoken loop over the same files, then trains a small model from the memmap in a fresh
+tiktoken loop over the same files, then trains a small model from the prepared tokens.bin in a fresh
 process and reports that process's peak RSS. The work folder is deleted afterwards.
 """
 
@@ -36,9 +36,9 @@ def generate_corpus(directory: Path, size_mb: int, seed: int = 0) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     written = 0
     for index in range(max(1, size_mb)):
-        # ~6 bytes per word with its space.
-        picked = words[rng.integers(0, len(words), FILE_BYTES // 6)]
-        text = " ".join(picked.tolist())
+        # Words are over 4 bytes with their space: enough to fill the file, cut at a word.
+        picked = words[rng.integers(0, len(words), FILE_BYTES // 4)]
+        text = " ".join(picked.tolist())[:FILE_BYTES].rsplit(" ", 1)[0]
         (directory / f"part{index:05d}.txt").write_text(text)
         written += len(text)
     return written
@@ -58,7 +58,7 @@ def tiktoken_loop(directory: Path) -> tuple[int, float]:
 
 
 def train_peak_rss(prepared: Path, run_dir: Path, steps: int) -> tuple[int, str]:
-    """Peak RSS (bytes) of a separate training process reading the memmap, and its output."""
+    """Peak RSS (bytes) of a separate training process reading tokens.bin, and its output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), *sys.path])}
     command = [
         sys.executable,
