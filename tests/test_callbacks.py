@@ -60,6 +60,9 @@ def test_scalars_cover_curves_lr_throughput_and_tokens(events: EventAccumulator)
     assert expected <= scalars
     assert "train/device/items_per_sec" in scalars, "ThroughputMonitor's tokens/s"
     assert "hp_metric" not in scalars
+    assert [tag for tag in scalars if tag.startswith("lr")] == ["lr"], (
+        "one curve, not one per group"
+    )
 
 
 def test_tokens_seen_counts_every_token_trained_on(

@@ -121,8 +121,8 @@ class GPTLightningModule(L.LightningModule):
         loss = next_token_loss(self.logits(inputs), targets)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
-        # Both AdamW groups share one schedule; LearningRateMonitor would only log them per
-        # group (lr/pg1, lr/pg2), so the single "lr" curve is logged here.
+        # Both AdamW groups share one schedule, so one "lr" curve; Lightning's
+        # LearningRateMonitor would log it twice, as lr/pg1 and lr/pg2.
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
@@ -165,7 +165,6 @@ class GPTLightningModule(L.LightningModule):
             min_lr_ratio=opt.get("min_lr", 0.0) / opt["lr"] if cosine else 1.0,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        # LearningRateMonitor logs this schedule per param group, as lr/pg1 and lr/pg2.
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
