@@ -69,6 +69,7 @@ def main(cfg: DictConfig) -> None:
         precision=precision,
         compile=bool(model["compile"]),
         gradient_clip_val=cfg.gradient_clip_val,
+        log_every_n_steps=cfg.log_every_n_steps,
         steps=cfg.steps,
         warmup=cfg.warmup,
         rounds=cfg.rounds,

@@ -31,7 +31,9 @@ def test_plain_loop_trains_exactly_like_the_lightning_step() -> None:
     plain.load_state_dict(module.model.state_dict())
     loader = random_batches(8, 16, batch_size=4, n=4)
     # A clip threshold low enough to bite, so clipping must match too.
-    lightning_round(module, loader, "cpu", "32-true", 0.05, warmup=1, timings=Timings())
+    lightning_round(
+        module, loader, "cpu", "32-true", 0.05, log_every_n_steps=2, warmup=1, timings=Timings()
+    )
     timings = Timings()
     plain_round(plain, plain, loader, torch.device("cpu"), "32-true", optimizer, 0.05, 1, timings)
     assert len(timings.seconds) == 3

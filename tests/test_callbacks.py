@@ -24,6 +24,7 @@ from gptlab.train import model_settings, run
 
 STEPS = 10
 VAL_EVERY = 5
+LOG_EVERY = 2
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DictConfig
             *TINY_RUN,
             f"trainer.max_steps={STEPS}",
             f"trainer.val_check_interval={VAL_EVERY}",
+            f"trainer.log_every_n_steps={LOG_EVERY}",
         ]
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     GlobalHydra.instance().clear()
@@ -132,10 +134,12 @@ def test_recorded_losses_match_the_logged_ones_and_travel_in_checkpoints(
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("TrainingCurves")]
     train = state["train_losses"]
-    assert len(train) == STEPS
-    assert [step for _, step, _ in train] == list(range(1, STEPS + 1))
-    for event in events.Scalars("train/loss"):
-        assert train[event.step][2] == pytest.approx(event.value)
+    # The steps the loggers write, and only those: the loss is read there and nowhere else.
+    assert [step for _, step, _ in train] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    logged = events.Scalars("train/loss")
+    assert [event.step + 1 for event in logged] == [step for _, step, _ in train]
+    for event, (_, _, loss) in zip(logged, train, strict=True):
+        assert loss == pytest.approx(event.value)
     assert [step for _, step, _ in state["val_losses"]] == list(range(0, STEPS + 1, VAL_EVERY))
     val_logged = {e.value for e in events.Scalars("val/loss")}
     for _, _, loss in state["val_losses"]:

@@ -74,6 +74,7 @@ def lightning_round(
     accelerator: str,
     precision: str,
     gradient_clip_val: float,
+    log_every_n_steps: int,
     warmup: int,
     timings: Timings,
 ) -> None:
@@ -83,6 +84,7 @@ def lightning_round(
         precision=precision,
         max_steps=len(loader),
         gradient_clip_val=gradient_clip_val,
+        log_every_n_steps=log_every_n_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -144,6 +146,7 @@ def benchmark(
     precision: str,
     compile: bool,
     gradient_clip_val: float,
+    log_every_n_steps: int,
     steps: int,
     warmup: int,
     rounds: int,
@@ -169,6 +172,7 @@ def benchmark(
                     accelerator,
                     precision,
                     gradient_clip_val,
+                    log_every_n_steps,
                     warmup,
                     timings[variant],
                 )

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gptlab.errors import NonFiniteLossError, TrainingInterrupted
 from gptlab.generation import check_sampling, encode_prompt, generate
 from gptlab.model import count_parameters
+from gptlab.module import writes_step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ def tensorboard_loggers(trainer: L.Trainer) -> list[TensorBoardLogger]:
 class TrainingCurves(Callback):
     """Counts training tokens, logs them as `train/tokens_seen`, and plots `loss.png` at the end.
 
-    Keeps the train loss of every batch and the val loss of every validation against tokens
-    seen and optimizer steps; checkpoints carry them, so a resumed run plots its whole history.
+    Keeps the train loss of every logged step and the val loss of every validation against
+    tokens seen and optimizer steps; checkpoints carry them, so a resumed run plots its whole
+    history.
     """
 
     def __init__(self, plot_path: str | None = None) -> None:
@@ -65,6 +67,10 @@ class TrainingCurves(Callback):
         batch_idx: int,
     ) -> None:
         self.tokens_seen += tokens_in_batch(batch) * trainer.world_size
+        # On the steps the loggers write, as train/loss: reading the loss on the others would
+        # also make the CPU wait for the GPU.
+        if not writes_step_metrics(trainer):
+            return
         pl_module.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:

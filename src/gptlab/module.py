@@ -31,6 +31,15 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def writes_step_metrics(trainer: L.Trainer) -> bool:
+    """Whether the loggers write this training step's metrics (every `log_every_n_steps`).
+
+    Lightning drops step values logged on the other steps, yet each `self.log` call still
+    costs about 0.3 ms on a CPU, a quarter of a small model's step for three calls.
+    """
+    return trainer._logger_connector.should_update_logs
+
+
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
     if step < warmup_steps:
@@ -119,11 +128,12 @@ class GPTLightningModule(L.LightningModule):
         if self.flops_per_batch is None:
             self.flops_per_batch = training_flops_per_batch(self.config, *inputs.shape)
         loss = next_token_loss(self.logits(inputs), targets)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
-        # Both AdamW groups share one schedule, so one "lr" curve; Lightning's
-        # LearningRateMonitor would log it twice, as lr/pg1 and lr/pg2.
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if writes_step_metrics(self.trainer):
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/ppl", loss.detach().exp())
+            # Both AdamW groups share one schedule, so one "lr" curve; Lightning's
+            # LearningRateMonitor would log it twice, as lr/pg1 and lr/pg2.
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
