@@ -6,6 +6,7 @@ import hashlib
 import json
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from conftest import TINY_RUN, needs_tiktoken, run_script
 from gptlab.data import GPTDataModule, TokenWindows, split_tokens
 from gptlab.errors import ConfigError
+from gptlab.loading import load_checkpoint
+from gptlab.module import next_token_loss
 from gptlab.prepared import TokenFile, open_prepared, prepare_corpus
 from gptlab.tokenizers import GPT2Tokenizer
 
@@ -165,7 +168,7 @@ def test_prepared_errors_name_the_fix(prepared, tmp_path: Path) -> None:
 
 @needs_tiktoken
 @pytest.mark.slow
-def test_prepare_script_then_train_from_token_file(tmp_path: Path) -> None:
+def test_prepare_script_then_train_and_evaluate_from_token_file(tmp_path: Path) -> None:
     write_corpus(tmp_path / "corpus", n_files=4, words_per_file=3000, seed=1)
     out_dir = tmp_path / "prepared"
     result = run_script(
@@ -190,5 +193,24 @@ def test_prepare_script_then_train_from_token_file(tmp_path: Path) -> None:
         f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
     assert "Throughput:" in result.stdout
+
+    result = run_script(
+        "evaluate.py", f"ckpt={last}", "data=prepared", f"data.dir={out_dir}", "split=val"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module = load_checkpoint(last)
+    datamodule = GPTDataModule(source="prepared", dir=str(out_dir), context_length=32)
+    datamodule.setup("fit")
+    loss_sum, n_targets = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in datamodule.val_dataloader():
+            loss_sum += next_token_loss(module(inputs), targets).item() * targets.numel()
+            n_targets += targets.numel()
+    scored = re.search(r"^Scored:\s+([\d,]+) tokens", result.stdout, re.MULTILINE)
+    loss = re.search(r"^Loss:\s+([\d.]+)", result.stdout, re.MULTILINE)
+    assert scored and loss, result.stdout
+    assert int(scored[1].replace(",", "")) == n_targets
+    assert float(loss[1]) == pytest.approx(loss_sum / n_targets, abs=1e-4)

@@ -23,6 +23,7 @@ from gptlab.cli import resolve_device
 from gptlab.data import GPTDataModule, TokenWindows, load_corpus, split_tokens
 from gptlab.errors import ConfigError
 from gptlab.loading import load_model
+from gptlab.prepared import TokenFile, open_prepared
 from gptlab.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class TokenRow:
     target_logprob: float
 
 
-def token_windows(tokens: np.ndarray, context_length: int, stride: int | None) -> TokenWindows:
+def token_windows(
+    tokens: np.ndarray | TokenFile, context_length: int, stride: int | None
+) -> TokenWindows:
     """Training's windows; a text shorter than one window is scored as one shorter window."""
     if len(tokens) < 2:
         raise ConfigError(
@@ -154,16 +157,20 @@ def text_file_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
 
 def data_split_tokens(
     data: dict, tokenizer: Tokenizer, split: str
-) -> tuple[np.ndarray, GPTDataModule]:
+) -> tuple[np.ndarray | TokenFile, GPTDataModule]:
     """The train or val tokens of a `data=` config, split exactly as training splits them.
 
     The datamodule comes back for its window settings (stride, batch size); the tokens are
     encoded with the model's own tokenizer, never one rebuilt from this corpus.
     """
     datamodule = GPTDataModule(**data)
-    datamodule.prepare_data()
-    text = load_corpus(**datamodule.corpus_options)
-    train, val = split_tokens(np.asarray(tokenizer.encode(text)), datamodule.train_ratio)
+    if datamodule.corpus_options["source"] == "prepared":
+        # Already tokenised, with a fixed vocabulary: open_prepared checks it is the model's.
+        _, tokens = open_prepared(datamodule.prepared_dir, tokenizer.name)
+    else:
+        datamodule.prepare_data()
+        tokens = np.asarray(tokenizer.encode(load_corpus(**datamodule.corpus_options)))
+    train, val = split_tokens(tokens, datamodule.train_ratio)
     return (train if split == "train" else val), datamodule
 
 
