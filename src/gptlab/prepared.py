@@ -136,7 +136,8 @@ class ReadOnlyFile:
         self.__init__(path)
 
     def __del__(self) -> None:
-        os.close(self.fd)
+        if hasattr(self, "fd"):  # not when os.open itself failed
+            os.close(self.fd)
 
     def read_into(self, out: np.ndarray, offset: int) -> None:
         if hasattr(os, "preadv"):
