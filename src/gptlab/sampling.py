@@ -36,7 +36,7 @@ class WindowPermutation:
 
     A Feistel network is a bijection on [0, 4^h) whatever its round function; values that land
     at n or beyond are sent through it again ("cycle walking") until they fall below n, which
-    keeps it a bijection on range(n). The domain is under 4n, so that takes few passes.
+    keeps it a bijection on range(n). The domain is at most 4n, so that takes few passes.
     """
 
     ROUNDS = 6
