@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import random
 import re
@@ -115,12 +116,24 @@ def test_token_file_serves_forked_workers(tmp_path: Path) -> None:
     assert torch.equal(inputs, expected)
 
 
+def test_token_file_reads_without_preadv(tmp_path: Path, monkeypatch) -> None:
+    # Windows has no os.preadv; its fallback seeks and reads.
+    token_file, tokens = write_token_file(tmp_path / "tokens.bin", 1000)
+    monkeypatch.delattr(os, "preadv", raising=False)
+    assert np.array_equal(np.asarray(token_file[123:456]), tokens[123:456])
+    with pytest.raises(OSError, match="ended 2 bytes early"):
+        np.asarray(TokenFile(token_file.file, np.dtype("uint16"), 999, 1001))
+
+
 def test_token_file_size_must_match_its_metadata(tmp_path: Path) -> None:
     write_token_file(tmp_path / "tokens.bin", 1000)
     with pytest.raises(ConfigError, match=r"2,000 bytes, not the 1,001 uint16 tokens"):
         TokenFile.open(tmp_path / "tokens.bin", "uint16", 1001)
+    token_file = TokenFile.open(tmp_path / "tokens.bin", "uint16", 1000)
     with pytest.raises(TypeError, match="contiguous slices"):
-        TokenFile.open(tmp_path / "tokens.bin", "uint16", 1000)[::2]
+        token_file[::2]
+    with pytest.raises(OSError, match="ended 2 bytes early"):
+        np.asarray(TokenFile(token_file.file, np.dtype("uint16"), 999, 1001))
 
 
 @needs_tiktoken
