@@ -101,6 +101,9 @@ def test_hparams_tab_has_config_parameter_count_and_val_metrics(
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     metrics = {m.name.tag for m in experiment.experiment.metric_infos}
     assert metrics == {"val/loss", "val/ppl"}
+    # Named for the tab, not logged again: one point per validation.
+    val_steps = [event.step for event in events.Scalars("val/loss")]
+    assert val_steps == sorted(set(val_steps))
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = start.session_start_info.hparams
     assert hparams["model/emb_dim"].number_value == cfg.model.emb_dim

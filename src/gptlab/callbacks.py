@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 # The dtype Lightning's own ThroughputMonitor uses to look up the device's peak.
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams
 
 from gptlab.errors import NonFiniteLossError, TrainingInterrupted
 from gptlab.generation import check_sampling, encode_prompt, generate
@@ -218,9 +219,27 @@ class HParamsSummary(Callback):
         available = trainer.callback_metrics
         metrics = {name: float(available[name]) for name in self.metrics if name in available}
         params = {**self.config, "n_parameters": count_parameters(pl_module.model)}
+        # The tab reads each metric's values from its scalar curve, so the summaries name the
+        # metrics without logging them again, as Lightning's log_hyperparams(metrics=) would:
+        # that gave val/loss a second point at step 0.
+        summaries = hparams(flat_hparams(params), metrics)
         for logger in tensorboard_loggers(trainer):
-            logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
+            logger.log_hyperparams(params)  # hparams.yaml; nothing in TensorBoard without metrics
+            for summary in summaries:
+                logger.experiment.file_writer.add_summary(summary, trainer.global_step)
         self.logged = True
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested settings as the HParams tab takes them: `model/emb_dim` keys, scalar values."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}/"))
+        else:
+            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
+    return flat
 
 
 class RandomStateCheckpoint(Callback):
