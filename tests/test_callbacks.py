@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -17,9 +18,12 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from conftest import CONF_DIR, TINY_RUN
+from gptlab.benchmark import random_batches
 from gptlab.callbacks import TrainingCurves, plot_losses
 from gptlab.model import GPTConfig, build_model, count_parameters
+from gptlab.module import GPTLightningModule
 from gptlab.sweep import RUN_RECORD
+from gptlab.tokenizers import CharTokenizer
 from gptlab.train import model_settings, run
 
 STEPS = 10
@@ -165,3 +169,31 @@ def test_loss_plot_handles_a_resumed_history_and_no_validation(tmp_path: Path) -
     curves = TrainingCurves()
     curves.load_state_dict({"tokens_seen": 3072, "train_losses": train, "val_losses": []})
     assert curves.tokens_seen == 3072 and curves.train_losses == train
+
+
+def test_curves_record_each_logged_optimizer_step_once_under_accumulation(tmp_path: Path) -> None:
+    curves = TrainingCurves()
+    module = GPTLightningModule(
+        {"vocab_size": 16, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1},
+        {"lr": 1e-3},
+        CharTokenizer("abcdefghijklmnop").to_dict(),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        accumulate_grad_batches=3,
+        log_every_n_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[curves],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=random_batches(16, 8, batch_size=4, n=18))
+    # Optimizer steps 2, 4 and 6, each once and after its third batch, not at every batch.
+    assert [(tokens, step) for tokens, step, _ in curves.train_losses] == [
+        (2 * 3 * 32, 2),
+        (4 * 3 * 32, 4),
+        (6 * 3 * 32, 6),
+    ]

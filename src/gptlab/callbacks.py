@@ -44,6 +44,13 @@ def tensorboard_loggers(trainer: L.Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
+def optimizer_stepped(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch that just ended completed an optimizer step (the last one accumulated)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (
+        batch_idx + 1 == trainer.num_training_batches
+    )
+
+
 class TrainingCurves(Callback):
     """Counts training tokens, logs them as `train/tokens_seen`, and plots `loss.png` at the end.
 
@@ -68,9 +75,10 @@ class TrainingCurves(Callback):
         batch_idx: int,
     ) -> None:
         self.tokens_seen += tokens_in_batch(batch) * trainer.world_size
-        # On the steps the loggers write, as train/loss: reading the loss on the others would
-        # also make the CPU wait for the GPU.
-        if not writes_step_metrics(trainer):
+        # On the steps the loggers write, as train/loss, once the step is taken (not at each
+        # accumulated batch): reading the loss on the others would also make the CPU wait for
+        # the GPU.
+        if not (optimizer_stepped(trainer, batch_idx) and writes_step_metrics(trainer)):
             return
         pl_module.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         loss = trainer.callback_metrics.get("train/loss")
@@ -222,12 +230,15 @@ class HParamsSummary(Callback):
         # The tab reads each metric's values from its scalar curve, so the summaries name the
         # metrics without logging them again, as Lightning's log_hyperparams(metrics=) would:
         # that gave val/loss a second point at step 0.
+        self.logged = True
+        if not trainer.is_global_zero or not metrics:
+            return  # other ranks' loggers are dummies
         summaries = hparams(flat_hparams(params), metrics)
         for logger in tensorboard_loggers(trainer):
-            logger.log_hyperparams(params)  # hparams.yaml; nothing in TensorBoard without metrics
+            logger.log_hyperparams(params)  # for hparams.yaml; no scalars without metrics=
+            writer = logger.experiment._get_file_writer()  # as log_hyperparams reaches it
             for summary in summaries:
-                logger.experiment.file_writer.add_summary(summary, trainer.global_step)
-        self.logged = True
+                writer.add_summary(summary, trainer.global_step)
 
 
 def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -356,10 +367,9 @@ class GracefulInterrupt(Callback):
     ) -> None:
         # Mid-accumulation the gradients so far would be lost while the data position counts
         # their batches as done, so stop only where an optimizer step has just been taken.
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (
-            batch_idx + 1 == trainer.num_training_batches
-        )
-        if not stepped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if not optimizer_stepped(trainer, batch_idx):
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
