@@ -107,7 +107,7 @@ def test_token_file_is_read_not_mapped(tmp_path: Path) -> None:
     assert torch.equal(copy[7][0], torch.from_numpy(tokens[448:512].astype(np.int64)))
 
 
-def test_token_file_serves_forked_workers(tmp_path: Path) -> None:
+def test_token_file_serves_dataloader_workers(tmp_path: Path) -> None:
     token_file, tokens = write_token_file(tmp_path / "tokens.bin", 20_000)
     windows = TokenWindows(token_file, context_length=32, stride=32)
     loader = torch.utils.data.DataLoader(windows, batch_size=16, num_workers=2)
@@ -116,13 +116,21 @@ def test_token_file_serves_forked_workers(tmp_path: Path) -> None:
     assert torch.equal(inputs, expected)
 
 
-def test_token_file_reads_without_preadv(tmp_path: Path, monkeypatch) -> None:
-    # Windows has no os.preadv; its fallback seeks and reads.
+def test_token_file_reads_without_pread(tmp_path: Path, monkeypatch) -> None:
+    # Windows has no os.pread; its fallback seeks and reads.
     token_file, tokens = write_token_file(tmp_path / "tokens.bin", 1000)
-    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.delattr(os, "pread", raising=False)
     assert np.array_equal(np.asarray(token_file[123:456]), tokens[123:456])
     with pytest.raises(OSError, match="ended 2 bytes early"):
         np.asarray(TokenFile(token_file.file, np.dtype("uint16"), 999, 1001))
+
+
+def test_token_file_reads_on_after_short_reads(tmp_path: Path, monkeypatch) -> None:
+    # One read may return less than asked (Linux caps one at ~2 GiB): keep reading.
+    token_file, tokens = write_token_file(tmp_path / "tokens.bin", 1000)
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, size, offset: pread(fd, min(size, 7), offset))
+    assert np.array_equal(np.asarray(token_file[10:900]), tokens[10:900])
 
 
 def test_token_file_size_must_match_its_metadata(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow.compute as pc
 
 from gptlab.data import corpus_documents, corpus_files, sha256_of, token_dtype
 from gptlab.errors import ConfigError
-from gptlab.tokenizers import GPT2Tokenizer, Tokenizer, tokenizer_from_dict
+from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_dict
 
 if TYPE_CHECKING:
     import datasets
@@ -105,6 +106,9 @@ def prepare_corpus(
         # one batch of documents.
         for batch in tokenized.with_format("arrow").iter(batch_size=64):
             pc.list_flatten(batch.column("ids")).to_numpy().astype(dtype, copy=False).tofile(out)
+        written = out.tell() // np.dtype(dtype).itemsize
+    if written != n_tokens:
+        raise RuntimeError(f"Wrote {written:,} tokens to {partial}, but counted {n_tokens:,}.")
     os.replace(partial, out_dir / TOKENS_FILE)
     metadata = {
         "tokenizer": encoder.to_dict(),
@@ -121,7 +125,7 @@ def prepare_corpus(
 class ReadOnlyFile:
     """A file descriptor that a TokenFile and its slices share, opened again after unpickling.
 
-    Positioned reads (`preadv`) keep no file offset, so DataLoader workers forked with the
+    Positioned reads (`pread`) keep no file offset, so DataLoader workers forked with the
     descriptor can read at once without racing; spawned workers unpickle their own.
     """
 
@@ -140,15 +144,24 @@ class ReadOnlyFile:
             os.close(self.fd)
 
     def read_into(self, out: np.ndarray, offset: int) -> None:
-        if hasattr(os, "preadv"):
-            n_bytes = os.preadv(self.fd, [out], offset)
-        else:  # Windows: no preadv, but its workers are spawned, so each has its own offset.
-            os.lseek(self.fd, offset, os.SEEK_SET)
-            data = os.read(self.fd, out.nbytes)
-            n_bytes = len(data)
-            out.view(np.uint8)[:n_bytes] = np.frombuffer(data, dtype=np.uint8)
-        if n_bytes != out.nbytes:
-            raise OSError(f"{self.path} ended {out.nbytes - n_bytes} bytes early at {offset}.")
+        """Fill `out` from byte `offset`; one read may return less (Linux: at most ~2 GiB)."""
+        buffer = memoryview(out).cast("B")
+        filled = 0
+        while filled < len(buffer):
+            chunk = self._read(len(buffer) - filled, offset + filled)
+            if not chunk:
+                raise OSError(
+                    f"{self.path} ended {len(buffer) - filled} bytes early at {offset + filled}."
+                )
+            buffer[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+
+    def _read(self, size: int, offset: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self.fd, size, offset)
+        # Windows has no pread; its workers are spawned, so each has its own offset.
+        os.lseek(self.fd, offset, os.SEEK_SET)
+        return os.read(self.fd, size)
 
 
 class TokenFile:
@@ -185,16 +198,18 @@ class TokenFile:
         start, stop, _ = key.indices(len(self))
         return TokenFile(self.file, self.dtype, self.start + start, self.start + max(start, stop))
 
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+    def __array__(self, dtype: npt.DTypeLike = None, copy: bool | None = None) -> np.ndarray:
         tokens = np.empty(len(self), dtype=self.dtype)
         self.file.read_into(tokens, self.start * self.dtype.itemsize)
         return tokens if dtype is None else tokens.astype(dtype)
 
-    def astype(self, dtype: np.dtype) -> np.ndarray:
+    def astype(self, dtype: npt.DTypeLike) -> np.ndarray:
         return self.__array__(dtype)
 
 
-def open_prepared(directory: str | Path, tokenizer: str) -> tuple[Tokenizer, TokenFile]:
+def open_prepared(
+    directory: str | Path, tokenizer: str
+) -> tuple[GPT2Tokenizer | CharTokenizer, TokenFile]:
     """The tokenizer and the token file that `prepare_corpus` wrote."""
     directory = Path(directory).expanduser()
     meta_path = directory / METADATA_FILE

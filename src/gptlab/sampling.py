@@ -71,8 +71,8 @@ class ResumableSampler(DistributedSampler):
 
     Being a DistributedSampler, Lightning keeps it under DDP instead of injecting its own, so
     ranks still get disjoint shares: rank r takes positions r, r + R, r + 2R, ... of one
-    epoch's order, and, as DistributedSampler does, wraps around to pad the last round or
-    drops it with `drop_last`. The order depends only on the seed and the epoch (Lightning
+    epoch's order, and, as DistributedSampler does, wraps around to the first positions to
+    pad the last round. The order depends only on the seed and the epoch (Lightning
     calls `set_epoch`), never on the global RNG, so it is the same after a resume.
     """
 
@@ -87,7 +87,9 @@ class ResumableSampler(DistributedSampler):
         distributed = dist.is_available() and dist.is_initialized()
         super().__init__(
             dataset,
-            num_replicas=num_replicas or (dist.get_world_size() if distributed else 1),
+            num_replicas=num_replicas
+            if num_replicas is not None
+            else (dist.get_world_size() if distributed else 1),
             rank=rank if rank is not None else (dist.get_rank() if distributed else 0),
             shuffle=shuffle,
             # The seed Lightning's seed_everything exported, as for the samplers it injects.
