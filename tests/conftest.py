@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -90,3 +91,15 @@ TINY_RUN = (
     "max_new_tokens=10",
 )
 """Overrides for a run that trains the tiny model for a few seconds on pydocs."""
+
+
+def cpu_trainer(tmp_path: Path, **options) -> L.Trainer:
+    """A Trainer for in-process tests: CPU, no logger, progress bar or model summary."""
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **options,
+    )

@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -17,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
-from conftest import CONF_DIR, TINY_RUN
+from conftest import CONF_DIR, TINY_RUN, cpu_trainer
 from gptlab.benchmark import random_batches
 from gptlab.callbacks import TrainingCurves, plot_losses
 from gptlab.model import GPTConfig, build_model, count_parameters
@@ -178,17 +177,13 @@ def test_curves_record_each_logged_optimizer_step_once_under_accumulation(tmp_pa
         {"lr": 1e-3},
         CharTokenizer("abcdefghijklmnop").to_dict(),
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
+        tmp_path,
         max_steps=6,
         accumulate_grad_batches=3,
         log_every_n_steps=2,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[curves],
-        default_root_dir=tmp_path,
     )
     trainer.fit(module, train_dataloaders=random_batches(16, 8, batch_size=4, n=18))
     # Optimizer steps 2, 4 and 6, each once and after its third batch, not at every batch.

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import TINY_RUN, run_script
+from conftest import TINY_RUN, cpu_trainer, run_script
 from gptlab.data import GPTDataModule
 from gptlab.module import GPTLightningModule
 
@@ -58,18 +58,14 @@ def test_ranks_see_disjoint_windows(tmp_path: Path) -> None:
         {"lr": 1e-3},
         datamodule.tokenizer.to_dict(),
     )
-    trainer = L.Trainer(
+    trainer = cpu_trainer(
+        tmp_path,
         strategy="ddp_spawn",
-        accelerator="cpu",
         devices=2,
         max_epochs=1,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[RecordWindows(tmp_path)],
-        default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=datamodule)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import cpu_trainer
 from gptlab.callbacks import ThroughputSummary
 from gptlab.errors import ConfigError
 from gptlab.flops import measured_flops_per_batch, training_flops_per_batch
@@ -145,21 +145,9 @@ def random_batches(vocab: int = 3, n: int = 8, length: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
 
 
-def cpu_trainer(tmp_path: Path, max_steps: int, **options) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **options,
-    )
-
-
 def test_weight_decay_only_on_matrices() -> None:
     module = tiny_module()
-    trainer = cpu_trainer(Path("."), 1)
+    trainer = cpu_trainer(Path("."), max_steps=1)
     module.trainer = trainer
     optimizer = module.configure_optimizers()["optimizer"]
     decayed, plain = optimizer.param_groups
@@ -175,7 +163,7 @@ def test_weight_decay_only_on_matrices() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW runs on CUDA only")
 def test_fused_adamw_on_cuda() -> None:
     module = tiny_module().cuda()
-    module.trainer = cpu_trainer(Path("."), 1)
+    module.trainer = cpu_trainer(Path("."), max_steps=1)
     assert module.configure_optimizers()["optimizer"].defaults["fused"]
 
 
@@ -211,7 +199,7 @@ def test_throughput_summary_prints_tokens_per_second(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     summary = ThroughputSummary(warmup_batches=1)
-    trainer = cpu_trainer(tmp_path, 6, callbacks=[summary], enable_checkpointing=False)
+    trainer = cpu_trainer(tmp_path, max_steps=6, callbacks=[summary], enable_checkpointing=False)
     trainer.fit(tiny_module(), train_dataloaders=random_batches(n=24))
     out = capsys.readouterr().out
     # Six batches, the first left out as warm-up; 4 windows of 8 tokens each.
@@ -234,7 +222,7 @@ def test_fsdp_config_wraps_transformer_blocks() -> None:
 def test_compiled_checkpoint_loads_into_uncompiled_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = tiny_module(compile=True)
-    trainer = cpu_trainer(tmp_path, 2, enable_checkpointing=False)
+    trainer = cpu_trainer(tmp_path, max_steps=2, enable_checkpointing=False)
     trainer.fit(module, train_dataloaders=random_batches())
     ckpt = tmp_path / "compiled.ckpt"
     trainer.save_checkpoint(ckpt)
