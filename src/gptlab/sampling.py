@@ -84,13 +84,13 @@ class ResumableSampler(DistributedSampler):
         rank: int | None = None,
     ) -> None:
         """`num_replicas` and `rank` default to the process group's, or 1 and 0 without one."""
-        distributed = dist.is_available() and dist.is_initialized()
+        if not (dist.is_available() and dist.is_initialized()):
+            num_replicas = 1 if num_replicas is None else num_replicas
+            rank = 0 if rank is None else rank
         super().__init__(
             dataset,
-            num_replicas=num_replicas
-            if num_replicas is not None
-            else (dist.get_world_size() if distributed else 1),
-            rank=rank if rank is not None else (dist.get_rank() if distributed else 0),
+            num_replicas=num_replicas,  # None: DistributedSampler asks the process group
+            rank=rank,
             shuffle=shuffle,
             # The seed Lightning's seed_everything exported, as for the samplers it injects.
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
