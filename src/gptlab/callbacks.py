@@ -227,12 +227,12 @@ class HParamsSummary(Callback):
         available = trainer.callback_metrics
         metrics = {name: float(available[name]) for name in self.metrics if name in available}
         params = {**self.config, "n_parameters": count_parameters(pl_module.model)}
-        # The tab reads each metric's values from its scalar curve, so the summaries name the
-        # metrics without logging them again, as Lightning's log_hyperparams(metrics=) would:
-        # that gave val/loss a second point at step 0.
         self.logged = True
         if not trainer.is_global_zero or not metrics:
             return  # other ranks' loggers are dummies
+        # The tab reads each metric's values from its scalar curve, so the summaries name the
+        # metrics without logging them again, as Lightning's log_hyperparams(metrics=) would:
+        # that gave val/loss a second point at step 0.
         summaries = hparams(flat_hparams(params), metrics)
         for logger in tensorboard_loggers(trainer):
             logger.log_hyperparams(params)  # for hparams.yaml; no scalars without metrics=

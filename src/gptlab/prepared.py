@@ -1,4 +1,4 @@
-"""Pre-tokenised corpora: token ids in a memory-mapped `.bin` file plus a JSON of metadata.
+"""Pre-tokenised corpora: token ids in a `.bin` file plus a JSON of metadata.
 
 A corpus far larger than memory is tokenised once, in parallel with `datasets.map`, into
 `tokens.bin` (uint16 for GPT-2's 50,257 ids). Training then reads each window straight from
