@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.data import load_pydocs
+from gptlab.corpus import CorpusSpec, load_pydocs
 from gptlab.prepared import prepare_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def main() -> None:
             corpus_bytes = generate_corpus(root / "text", size_mb)
             start = time.perf_counter()
             metadata = prepare_corpus(
-                {"source": "text_files", "path": str(root / "text" / "*.txt")},
+                CorpusSpec(source="text_files", path=str(root / "text" / "*.txt")),
                 "gpt2",
                 root / "prepared",
                 args.num_proc,

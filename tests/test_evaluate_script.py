@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, run_script
-from gptlab.data import GPTDataModule
+from conftest import TINY_RUN, make_datamodule, run_script
 from gptlab.loading import load_checkpoint
 from gptlab.module import next_token_loss
 
@@ -36,7 +35,7 @@ def test_val_split_scores_match_training_validation(ckpt: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     module = load_checkpoint(ckpt)
-    datamodule = GPTDataModule(
+    datamodule = make_datamodule(
         source="pydocs", tokenizer="char", context_length=32, train_ratio=0.98
     )
     datamodule.setup("fit")

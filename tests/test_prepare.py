@@ -8,14 +8,16 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RUN, needs_tiktoken, run_script
-from gptlab.data import GPTDataModule, TokenWindows, split_tokens
+from conftest import TINY_RUN, make_datamodule, needs_tiktoken, run_script
+from gptlab.corpus import CorpusSpec
+from gptlab.data import TokenWindows, split_tokens
 from gptlab.errors import ConfigError
 from gptlab.loading import load_checkpoint
 from gptlab.module import next_token_loss
@@ -44,8 +46,8 @@ def write_corpus(directory: Path, n_files: int, words_per_file: int, seed: int =
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path, dict]:
     root = tmp_path_factory.mktemp("prepared")
     files = write_corpus(root / "corpus", n_files=12, words_per_file=400)
-    options = {"source": "text_files", "path": str(root / "corpus" / "*.txt")}
-    metadata = prepare_corpus(options, "gpt2", root / "out", num_proc=2)
+    corpus = CorpusSpec(source="text_files", path=str(root / "corpus" / "*.txt"))
+    metadata = prepare_corpus(corpus, "gpt2", root / "out", num_proc=2)
     return files, root / "out", metadata
 
 
@@ -161,7 +163,7 @@ def test_token_file_windows_equal_in_memory_windows(prepared) -> None:
 @needs_tiktoken
 def test_prepared_datamodule_serves_the_split_token_file(prepared) -> None:
     _, out_dir, _ = prepared
-    dm = GPTDataModule(
+    dm = make_datamodule(
         source="prepared", dir=str(out_dir), context_length=16, batch_size=4, shuffle=False
     )
     dm.setup("fit")
@@ -182,9 +184,43 @@ def test_prepared_errors_name_the_fix(prepared, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"tokenised with gpt2, but model\.tokenizer=char"):
         open_prepared(out_dir, "char")
     with pytest.raises(ConfigError, match=r"data\.dir"):
-        GPTDataModule(source="prepared")
+        make_datamodule(source="prepared")
     with pytest.raises(ConfigError, match="only gpt2"):
-        prepare_corpus({"source": "pydocs"}, "char", tmp_path, num_proc=1)
+        prepare_corpus(CorpusSpec(), "char", tmp_path, num_proc=1)
+
+
+@needs_tiktoken
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        # A uint16 file described as uint8, with the count doubled so the size still matches.
+        (lambda meta: {**meta, "dtype": "uint8", "n_tokens": 2 * meta["n_tokens"]}, "uint8"),
+        (lambda meta: {**meta, "dtype": "float32", "n_tokens": meta["n_tokens"] // 2}, "float32"),
+        (lambda meta: {**meta, "dtype": "uint32", "n_tokens": meta["n_tokens"] // 2}, "uint32"),
+        (lambda meta: {**meta, "dtype": "int9"}, "int9"),
+        (lambda meta: {k: v for k, v in meta.items() if k != "n_tokens"}, "n_tokens=None"),
+    ],
+)
+def test_metadata_that_lies_about_the_token_file_is_refused(
+    prepared, tmp_path: Path, change, words: str
+) -> None:
+    _, out_dir, metadata = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out_dir, copy)
+    (copy / "meta.json").write_text(json.dumps(change(metadata)))
+    with pytest.raises(ConfigError, match=re.escape(words)) as err:
+        open_prepared(copy, "gpt2")
+    assert "prepare" in str(err.value)
+
+
+@needs_tiktoken
+def test_metadata_that_is_not_json_is_refused(prepared, tmp_path: Path) -> None:
+    _, out_dir, _ = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out_dir, copy)
+    (copy / "meta.json").write_text("{'tokenizer': ")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        open_prepared(copy, "gpt2")
 
 
 @needs_tiktoken
@@ -223,7 +259,7 @@ def test_prepare_script_then_train_and_evaluate_from_token_file(tmp_path: Path) 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     module = load_checkpoint(last)
-    datamodule = GPTDataModule(source="prepared", dir=str(out_dir), context_length=32)
+    datamodule = make_datamodule(source="prepared", dir=str(out_dir), context_length=32)
     datamodule.setup("fit")
     loss_sum, n_targets = 0.0, 0
     with torch.no_grad():

@@ -15,15 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gptlab.cli import resolve_device
-from gptlab.data import GPTDataModule, TokenWindows, load_corpus, split_tokens
+from gptlab.data import GPTDataModule, LoaderSettings, TokenWindows
 from gptlab.errors import ConfigError
 from gptlab.loading import load_model
-from gptlab.prepared import TokenFile, open_prepared
+from gptlab.prepared import TokenFile
+from gptlab.settings import resolve_device
 from gptlab.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,17 +64,15 @@ class TokenRow:
 def token_windows(
     tokens: np.ndarray | TokenFile, context_length: int, stride: int | None
 ) -> TokenWindows:
-    """Training's windows; a text shorter than one window is scored as one shorter window."""
+    """Training's windows (`stride` None: the context length); a text shorter than one window
+    is scored as one shorter window."""
     if len(tokens) < 2:
         raise ConfigError(
             f"The text has {len(tokens)} token(s); scoring needs at least 2 (an input and "
             f"the token that follows it): give a longer text."
         )
     length = min(context_length, len(tokens) - 1)
-    stride = context_length if stride is None else stride
-    if stride < 1:
-        raise ConfigError(f"stride={stride} must be >= 1, or null for stride = context_length.")
-    return TokenWindows(tokens, length, stride)
+    return TokenWindows(tokens, length, stride or context_length)
 
 
 @torch.inference_mode()
@@ -156,26 +154,25 @@ def text_file_tokens(path: str, tokenizer: Tokenizer) -> np.ndarray:
 
 
 def data_split_tokens(
-    data: dict, tokenizer: Tokenizer, split: str
+    data: dict, tokenizer: Tokenizer, context_length: int, split: str
 ) -> tuple[np.ndarray | TokenFile, GPTDataModule]:
     """The train or val tokens of a `data=` config, split exactly as training splits them.
 
-    The datamodule comes back for its window settings (stride, batch size); the tokens are
-    encoded with the model's own tokenizer, never one rebuilt from this corpus.
+    Read through the same data module as training, connected to the model's own tokenizer
+    (never one rebuilt from this corpus); it also gives the window settings.
     """
-    datamodule = GPTDataModule(**data)
-    if datamodule.corpus_options["source"] == "prepared":
-        # Already tokenised, with a fixed vocabulary: open_prepared checks it is the model's.
-        _, tokens = open_prepared(datamodule.prepared_dir, tokenizer.name)
-    else:
-        datamodule.prepare_data()
-        tokens = np.asarray(tokenizer.encode(load_corpus(**datamodule.corpus_options)))
-    train, val = split_tokens(tokens, datamodule.train_ratio)
-    return (train if split == "train" else val), datamodule
+    datamodule = GPTDataModule.from_config(data).connect(tokenizer, context_length)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    return (datamodule.train_tokens if split == "train" else datamodule.val_tokens), datamodule
 
 
-def check_evaluate_config(cfg: DictConfig) -> None:
-    """Everything that can be wrong with the request, checked before a model is loaded."""
+def check_evaluate_config(cfg: DictConfig) -> LoaderSettings | None:
+    """Everything that can be wrong with the request, checked before a model is loaded.
+
+    A text file is scored in windows of the `batch_size` and `stride` given here, a data
+    config's split in its own (checked when its data module is built).
+    """
     has_data = cfg.get("data") is not None
     if bool(cfg.text_file) == has_data:
         raise ConfigError(
@@ -187,32 +184,27 @@ def check_evaluate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"show_tokens={cfg.show_tokens} must be >= 0 (0 shows no table).")
     if has_data and cfg.split not in ("train", "val"):
         raise ConfigError(f"split={cfg.split!r} is unknown: use train or val.")
-    batch_size = cfg.data.batch_size if has_data else cfg.batch_size
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1.")
-    if not has_data and cfg.stride is not None and cfg.stride < 1:
-        raise ConfigError(f"stride={cfg.stride} must be >= 1, or null for the context length.")
+    if not has_data:
+        return LoaderSettings(batch_size=cfg.batch_size, stride=cfg.stride)
+    return None
 
 
 def evaluate(cfg: DictConfig) -> Score:
     """Score the model `cfg` names on the text it names, print the report, return the score."""
-    check_evaluate_config(cfg)
+    loader = check_evaluate_config(cfg)
     device = resolve_device(cfg.device)
     loaded = load_model(cfg.ckpt, cfg.pretrained, cfg.paths.log_dir)
     model, tokenizer = loaded.model.to(device), loaded.tokenizer
     context_length = loaded.config.context_length
     if cfg.get("data") is not None:
-        with open_dict(cfg.data):
-            cfg.data.tokenizer = tokenizer.name
-            cfg.data.context_length = context_length
         data = OmegaConf.to_container(cfg.data, resolve=True)
-        tokens, datamodule = data_split_tokens(data, tokenizer, cfg.split)
+        tokens, datamodule = data_split_tokens(data, tokenizer, context_length, cfg.split)
         text = f"the {cfg.split} split of data={HydraConfig.get().runtime.choices['data']}"
         stride, batch_size = datamodule.stride, datamodule.batch_size
     else:
         tokens = text_file_tokens(cfg.text_file, tokenizer)
         text = f"text_file={cfg.text_file}"
-        stride, batch_size = cfg.stride, cfg.batch_size
+        stride, batch_size = loader.stride, loader.batch_size
     windows = token_windows(tokens, context_length, stride)
     log.info("Scoring %s with %s on %s", text, loaded.source, device)
     result = score(model, DataLoader(windows, batch_size=batch_size), device)

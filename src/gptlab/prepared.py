@@ -8,47 +8,33 @@ that file (`TokenFile`), so memory does not grow with the corpus. Each document 
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow.compute as pc
 
-from gptlab.data import corpus_documents, corpus_files, sha256_of, token_dtype
+from gptlab.atomic import atomic_write_text, replacing
+from gptlab.corpus import CorpusSpec
 from gptlab.errors import ConfigError
 from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_dict
 
-if TYPE_CHECKING:
-    import datasets
-
 TOKENS_FILE = "tokens.bin"
 METADATA_FILE = "meta.json"
-CORPUS_KEYS = ("source", "path", "corpus", "name", "config", "split", "text_column")
+TOKEN_DTYPES = ("uint16", "uint32")
+# Ids read from the start of tokens.bin to check they belong to the tokenizer.
+SAMPLED_IDS = 1 << 20
 
 _tokenizer: GPT2Tokenizer | None = None
 
 
-def corpus_dataset(**source: Any) -> tuple[datasets.Dataset, str]:
-    """The corpus as a `datasets.Dataset` with one document per row, and a hash of its source.
-
-    Unlike `data.load_corpus` nothing is joined into one string, so the corpus may be
-    larger than memory: `datasets` keeps it in memory-mapped Arrow files.
-    """
-    if source.get("source") == "prepared":
-        raise ConfigError("data=prepared is already prepared: give the corpus it came from.")
-    dataset = corpus_documents(**source, keep_in_memory=False)
-    if source["source"] in ("text_files", "download"):
-        files = corpus_files(source["source"], source.get("path"), source.get("corpus"))
-        digest = hashlib.sha256("".join(sha256_of(Path(f)) for f in files).encode()).hexdigest()
-        return dataset, f"sha256:{digest}"
-    if source["source"] == "hf":
-        return dataset, f"datasets-fingerprint:{dataset._fingerprint}"
-    digest = hashlib.sha256("\0".join(dataset["text"]).encode()).hexdigest()
-    return dataset, f"sha256:{digest}"
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The narrowest unsigned dtype that holds every id: uint16 for GPT-2's 50,257."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
 def encode_documents(batch: dict[str, list[str]]) -> dict[str, list]:
@@ -65,7 +51,7 @@ def encode_documents(batch: dict[str, list[str]]) -> dict[str, list]:
 
 
 def prepare_corpus(
-    corpus_options: dict[str, Any], tokenizer: str, out_dir: Path, num_proc: int
+    corpus: CorpusSpec, tokenizer: str, out_dir: Path, num_proc: int
 ) -> dict[str, Any]:
     """Tokenise the corpus into `out_dir/tokens.bin` and `meta.json`; return the metadata."""
     if tokenizer != "gpt2":
@@ -75,7 +61,8 @@ def prepare_corpus(
         )
     if num_proc < 1:
         raise ConfigError(f"num_proc={num_proc} must be at least 1.")
-    dataset, source_hash = corpus_dataset(**corpus_options)
+    # Row by row from Arrow files on disk: the corpus may be larger than memory.
+    dataset = corpus.documents(keep_in_memory=False)
     import datasets
 
     encoder = GPT2Tokenizer()
@@ -99,26 +86,24 @@ def prepare_corpus(
     )
     n_tokens = int(np.sum(tokenized["n_tokens"], dtype=np.int64))
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f"{TOKENS_FILE}.partial"
     # Plain writes, not a memmap, whose written pages would stay in this process's RSS.
-    with partial.open("wb") as out:
+    with replacing(out_dir / TOKENS_FILE) as out:
         # Arrow batches flatten to numpy without a Python int per token, so memory stays at
         # one batch of documents.
         for batch in tokenized.with_format("arrow").iter(batch_size=64):
             pc.list_flatten(batch.column("ids")).to_numpy().astype(dtype, copy=False).tofile(out)
         written = out.tell() // np.dtype(dtype).itemsize
-    if written != n_tokens:
-        raise RuntimeError(f"Wrote {written:,} tokens to {partial}, but counted {n_tokens:,}.")
-    os.replace(partial, out_dir / TOKENS_FILE)
+        if written != n_tokens:
+            raise RuntimeError(f"Wrote {written:,} tokens to {TOKENS_FILE}, counted {n_tokens:,}.")
     metadata = {
         "tokenizer": encoder.to_dict(),
         "dtype": np.dtype(dtype).name,
         "n_tokens": n_tokens,
         "n_documents": len(dataset),
-        "source": corpus_options,
-        "source_hash": source_hash,
+        "source": dataclasses.asdict(corpus),
+        "source_hash": corpus.fingerprint(dataset),
     }
-    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(out_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
     return metadata
 
 
@@ -207,11 +192,12 @@ class TokenFile:
         return self.__array__(dtype)
 
 
-def open_prepared(
-    directory: str | Path, tokenizer: str
-) -> tuple[GPT2Tokenizer | CharTokenizer, TokenFile]:
-    """The tokenizer and the token file that `prepare_corpus` wrote."""
-    directory = Path(directory).expanduser()
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """`meta.json`, checked: a missing or malformed key says to prepare the corpus again."""
+    again = (
+        f"prepare the corpus again with `python scripts/prepare_data.py data=<source> "
+        f"out_dir={directory}`"
+    )
     meta_path = directory / METADATA_FILE
     if not meta_path.is_file() or not (directory / TOKENS_FILE).is_file():
         raise ConfigError(
@@ -219,7 +205,34 @@ def open_prepared(
             f"{TOKENS_FILE}): create it with `python scripts/prepare_data.py data=<source> "
             f"out_dir={directory}`."
         )
-    metadata = json.loads(meta_path.read_text())
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{meta_path} is not valid JSON ({err}): {again}.") from None
+    problems = {
+        "tokenizer": isinstance(metadata.get("tokenizer"), dict),
+        "dtype": metadata.get("dtype") in TOKEN_DTYPES,
+        "n_tokens": isinstance(metadata.get("n_tokens"), int) and metadata["n_tokens"] > 0,
+    }
+    for key, ok in problems.items():
+        if not ok:
+            raise ConfigError(
+                f"{meta_path} has {key}={metadata.get(key)!r}, which no prepared corpus has "
+                f"(dtype is one of {', '.join(TOKEN_DTYPES)}): {again}."
+            )
+    return metadata
+
+
+def open_prepared(
+    directory: str | Path, tokenizer: str
+) -> tuple[GPT2Tokenizer | CharTokenizer, TokenFile]:
+    """The tokenizer and the token file that `prepare_corpus` wrote, checked against each other.
+
+    The dtype must be the one the tokenizer's ids are written in, and the file's first ids
+    must be ids of the tokenizer: a `meta.json` that lies would otherwise train on garbage.
+    """
+    directory = Path(directory).expanduser()
+    metadata = read_metadata(directory)
     prepared_with = metadata["tokenizer"].get("name")
     if prepared_with != tokenizer:
         raise ConfigError(
@@ -227,5 +240,20 @@ def open_prepared(
             f"model.tokenizer={tokenizer}: use a model with tokenizer {prepared_with}, or "
             f"prepare the corpus again."
         )
+    encoder = tokenizer_from_dict(metadata["tokenizer"])
+    expected = np.dtype(token_dtype(encoder.vocab_size)).name
+    if metadata["dtype"] != expected:
+        raise ConfigError(
+            f"{directory / METADATA_FILE} says dtype {metadata['dtype']}, but {prepared_with} "
+            f"ids are written as {expected}: the metadata does not describe {TOKENS_FILE}; "
+            f"prepare the corpus again."
+        )
     tokens = TokenFile.open(directory / TOKENS_FILE, metadata["dtype"], metadata["n_tokens"])
-    return tokenizer_from_dict(metadata["tokenizer"]), tokens
+    first = np.asarray(tokens[:SAMPLED_IDS])
+    if first.size and int(first.max()) >= encoder.vocab_size:
+        raise ConfigError(
+            f"{directory / TOKENS_FILE} holds id {int(first.max())}, beyond the "
+            f"{encoder.vocab_size} ids of {prepared_with}: the file is not what "
+            f"{METADATA_FILE} describes; prepare the corpus again."
+        )
+    return encoder, tokens

@@ -11,8 +11,9 @@ small stride it would not fit in memory at all.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -99,15 +100,45 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         """This rank's indices for the epoch, less the first `skip`, which applies once."""
-        n = len(self.dataset)
-        order = WindowPermutation(n, self.seed, self.epoch) if self.shuffle else None
         start = self.rank + self.skip * self.num_replicas
         self.skip = 0
         step = WindowPermutation.CHUNK * self.num_replicas
+        indices = self.epoch_indices()
         for chunk_start in range(start, self.total_size, step):
             chunk_end = min(chunk_start + step, self.total_size)
-            positions = np.arange(chunk_start, chunk_end, self.num_replicas) % n
-            yield from (positions if order is None else order(positions)).tolist()
+            yield from indices(np.arange(chunk_start, chunk_end, self.num_replicas)).tolist()
+
+    def epoch_indices(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Window index of each position of this epoch: shuffled or in order, padded by wrapping."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return lambda positions: positions % n
+        order = WindowPermutation(n, self.seed, self.epoch)
+        return lambda positions: order(positions % n)
+
+
+class RandomWindowSampler(ResumableSampler):
+    """Windows drawn uniformly with replacement, as nanoGPT's `get_batch` draws offsets.
+
+    Over the windows at every token (stride 1), that is a random offset per window. An epoch
+    is `epoch_size` draws; each position's draw depends only on the seed, the epoch and the
+    position, so a resumed run draws the same windows, and ranks draw disjoint positions.
+    """
+
+    def __init__(self, dataset: Dataset, epoch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, shuffle=True, **kwargs)
+        self.num_samples = math.ceil(epoch_size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def epoch_indices(self) -> Callable[[np.ndarray], np.ndarray]:
+        n = np.uint64(len(self.dataset))
+        key = np.random.default_rng([self.seed, self.epoch]).integers(0, 2**63, dtype=np.uint64)
+
+        def draw(positions: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore"):
+                return (mix64(positions.astype(np.uint64) ^ key) % n).astype(np.int64)
+
+        return draw
 
 
 class ResumableDataLoader(DataLoader):
