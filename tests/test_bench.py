@@ -10,7 +10,8 @@ import torch
 from conftest import run_script
 from gptlab.benchmark import Timings, lightning_round, plain_round, random_batches
 from gptlab.model import GPTModel
-from gptlab.module import GPTLightningModule
+from gptlab.module import GPTLightningModule, model_loss
+from gptlab.optim import OptimizerSettings
 from gptlab.tokenizers import CharTokenizer
 
 
@@ -35,7 +36,10 @@ def test_plain_loop_trains_exactly_like_the_lightning_step() -> None:
         module, loader, "cpu", "32-true", 0.05, log_every_n_steps=2, warmup=1, timings=Timings()
     )
     timings = Timings()
-    plain_round(plain, plain, loader, torch.device("cpu"), "32-true", optimizer, 0.05, 1, timings)
+    settings = OptimizerSettings.from_mapping(optimizer)
+    plain_round(
+        plain, model_loss, loader, torch.device("cpu"), "32-true", settings, 0.05, 1, timings
+    )
     assert len(timings.seconds) == 3
     trained = module.model.state_dict()
     for name, tensor in plain.state_dict().items():

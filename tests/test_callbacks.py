@@ -1,194 +1,82 @@
-"""What a run shows in TensorBoard and leaves in its run dir: curves, samples, hparams, plot."""
+"""The callbacks that keep a run safe: the nan guard in both modes, the final validation."""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from matplotlib.image import imread
-from omegaconf import DictConfig, OmegaConf, open_dict
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
-from tensorboard.util import tensor_util
 
-from conftest import CONF_DIR, TINY_RUN, cpu_trainer
+from conftest import cpu_trainer
 from gptlab.benchmark import random_batches
-from gptlab.callbacks import TrainingCurves, plot_losses
-from gptlab.model import GPTConfig, build_model, count_parameters
+from gptlab.callbacks import FinalValidation, NonFiniteLossGuard
+from gptlab.errors import NonFiniteLossError
 from gptlab.module import GPTLightningModule
-from gptlab.sweep import RUN_RECORD
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import model_settings, run
-
-STEPS = 10
-VAL_EVERY = 5
-LOG_EVERY = 2
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DictConfig, float]:
-    """One in-process run of STEPS steps, validated at step 0 and every VAL_EVERY steps."""
-    run_dir = tmp_path_factory.mktemp("run")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        overrides = [
-            *TINY_RUN,
-            f"trainer.max_steps={STEPS}",
-            f"trainer.val_check_interval={VAL_EVERY}",
-            f"trainer.log_every_n_steps={LOG_EVERY}",
-        ]
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    return run_dir, cfg, run(cfg)
-
-
-@pytest.fixture(scope="module")
-def events(tiny_run: tuple[Path, DictConfig, float]) -> EventAccumulator:
-    accumulator = EventAccumulator(
-        str(tiny_run[0] / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
-    )
-    accumulator.Reload()
-    return accumulator
-
-
-def test_scalars_cover_curves_lr_throughput_and_tokens(events: EventAccumulator) -> None:
-    scalars = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/ppl", "val/loss", "val/ppl", "lr", "train/tokens_seen"}
-    assert expected <= scalars
-    assert "train/device/items_per_sec" in scalars, "ThroughputMonitor's tokens/s"
-    assert "hp_metric" not in scalars
-    assert [tag for tag in scalars if tag.startswith("lr")] == ["lr"], (
-        "one curve, not one per group"
-    )
-
-
-def test_tokens_seen_counts_every_token_trained_on(
-    events: EventAccumulator, tiny_run: tuple[Path, DictConfig, float]
-) -> None:
-    _, cfg, _ = tiny_run
-    tokens_per_step = cfg.data.batch_size * cfg.model.context_length
-    logged = [(e.step, e.value) for e in events.Scalars("train/tokens_seen")]
-    assert logged
-    # Lightning logs a step's metrics under the number of steps taken before it.
-    for step, value in logged:
-        assert value == (step + 1) * tokens_per_step
-    assert logged[-1][1] == STEPS * tokens_per_step
-
-
-def test_text_tab_has_a_sample_of_the_prompt_at_every_validation(
-    events: EventAccumulator, tiny_run: tuple[Path, DictConfig, float]
-) -> None:
-    _, cfg, _ = tiny_run
-    samples = events.Tensors("sample/text_summary")
-    assert [s.step for s in samples] == list(range(0, STEPS + 1, VAL_EVERY))
-    for sample in samples:
-        text = tensor_util.make_ndarray(sample.tensor_proto).item().decode()
-        assert f"    {cfg.prompt}" in text
-        continuation = text.split(f"    {cfg.prompt}", 1)[1]
-        assert continuation.strip(), "a continuation follows the prompt"
-
-
-def test_hparams_tab_has_config_parameter_count_and_val_metrics(
-    events: EventAccumulator, tiny_run: tuple[Path, DictConfig, float]
-) -> None:
-    _, cfg, _ = tiny_run
-    content = events.PluginTagToContent("hparams")
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    metrics = {m.name.tag for m in experiment.experiment.metric_infos}
-    assert metrics == {"val/loss", "val/ppl"}
-    # Named for the tab, not logged again: one point per validation.
-    val_steps = [event.step for event in events.Scalars("val/loss")]
-    assert val_steps == sorted(set(val_steps))
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    hparams = start.session_start_info.hparams
-    assert hparams["model/emb_dim"].number_value == cfg.model.emb_dim
-    assert hparams["optimizer/lr"].number_value == pytest.approx(cfg.optimizer.lr)
-    assert hparams["data/source"].string_value == cfg.data.source
-    assert hparams["trainer/max_steps"].number_value == STEPS
-    checkpoint = torch.load(
-        Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False
-    )
-    vocab_size = checkpoint["hyper_parameters"]["model"]["vocab_size"]
-    settings = model_settings(OmegaConf.to_container(cfg.model), vocab_size)
-    with torch.device("meta"):
-        model = build_model(GPTConfig(**settings))
-    assert hparams["n_parameters"].number_value == count_parameters(model)
-
-
-def test_run_record_matches_what_run_returns(tiny_run: tuple[Path, DictConfig, float]) -> None:
-    run_dir, cfg, result = tiny_run
-    record = json.loads((run_dir / RUN_RECORD).read_text())
-    assert record["status"] == "completed"
-    assert record["best_val_loss"] == result
-    assert record["val_ppl"] == pytest.approx(math.exp(result))
-    assert record["steps"] == STEPS
-    assert record["tokens_seen"] == STEPS * cfg.data.batch_size * cfg.model.context_length
-
-
-def test_recorded_losses_match_the_logged_ones_and_travel_in_checkpoints(
-    events: EventAccumulator, tiny_run: tuple[Path, DictConfig, float]
-) -> None:
-    run_dir, _, _ = tiny_run
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("TrainingCurves")]
-    train = state["train_losses"]
-    # The steps the loggers write, and only those: the loss is read there and nowhere else.
-    assert [step for _, step, _ in train] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
-    logged = events.Scalars("train/loss")
-    assert [event.step + 1 for event in logged] == [step for _, step, _ in train]
-    for event, (_, _, loss) in zip(logged, train, strict=True):
-        assert loss == pytest.approx(event.value)
-    assert [step for _, step, _ in state["val_losses"]] == list(range(0, STEPS + 1, VAL_EVERY))
-    val_logged = {e.value for e in events.Scalars("val/loss")}
-    for _, _, loss in state["val_losses"]:
-        assert any(loss == pytest.approx(v) for v in val_logged)
-
-
-def test_loss_plot_is_written_at_the_end_of_the_run(
-    tiny_run: tuple[Path, DictConfig, float],
-) -> None:
-    height, width, channels = imread(tiny_run[0] / "loss.png").shape
-    assert height > 100 and width > 100 and channels in (3, 4)
-
-
-def test_loss_plot_handles_a_resumed_history_and_no_validation(tmp_path: Path) -> None:
-    # Tokens per step change from 256 to 512 halfway, as after resuming with a bigger batch.
-    train = [(256 * s, s, 4.0 - 0.1 * s) for s in range(1, 5)]
-    train += [(1024 + 512 * s, 4 + s, 3.6 - 0.1 * s) for s in range(1, 5)]
-    plot_losses(train, [], tmp_path / "loss.png")
-    assert imread(tmp_path / "loss.png").shape[0] > 100
-    curves = TrainingCurves()
-    curves.load_state_dict({"tokens_seen": 3072, "train_losses": train, "val_losses": []})
-    assert curves.tokens_seen == 3072 and curves.train_losses == train
-
-
-def test_curves_record_each_logged_optimizer_step_once_under_accumulation(tmp_path: Path) -> None:
-    curves = TrainingCurves()
-    module = GPTLightningModule(
+def tiny_module(lr: float, fused: bool = False) -> GPTLightningModule:
+    torch.manual_seed(0)
+    return GPTLightningModule(
         {"vocab_size": 16, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1},
-        {"lr": 1e-3},
+        {"lr": lr, "fused": fused},
         CharTokenizer("abcdefghijklmnop").to_dict(),
     )
+
+
+def weights_finite(module: GPTLightningModule) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("check", "fused", "stopped_at", "words", "finite"),
+    [
+        # Read before backward: the bad step never runs.
+        ("every_step", False, 2, "so that step was not applied", True),
+        # Read only on written steps (no GPU stall): a fused AdamW skips bad steps itself...
+        ("log_steps", True, 2, "fused AdamW skipped them", True),
+        # ... while the foreach AdamW applies them, which the message says.
+        ("log_steps", False, 2, "they reached the weights", False),
+    ],
+)
+def test_nan_guard_stops_the_run_in_both_modes(
+    tmp_path: Path, check: str, fused: bool, stopped_at: int, words: str, finite: bool
+) -> None:
+    module = tiny_module(lr=1e30, fused=fused)  # so large that step 2's loss is not finite
     trainer = cpu_trainer(
         tmp_path,
-        max_steps=6,
-        accumulate_grad_batches=3,
-        log_every_n_steps=2,
+        max_steps=12,
+        log_every_n_steps=4,
         enable_checkpointing=False,
-        callbacks=[curves],
+        callbacks=[NonFiniteLossGuard(check=check)],
     )
-    trainer.fit(module, train_dataloaders=random_batches(16, 8, batch_size=4, n=18))
-    # Optimizer steps 2, 4 and 6, each once and after its third batch, not at every batch.
-    assert [(tokens, step) for tokens, step, _ in curves.train_losses] == [
-        (2 * 3 * 32, 2),
-        (4 * 3 * 32, 4),
-        (6 * 3 * 32, 6),
-    ]
+    with pytest.raises(NonFiniteLossError, match=words) as err:
+        trainer.fit(module, train_dataloaders=random_batches(16, 8, batch_size=2, n=12))
+    assert f"Training stopped at step {stopped_at}:" in str(err.value)
+    assert weights_finite(module) is finite
+    if check == "log_steps":
+        # Found on the first written step: no read of the device before it.
+        assert trainer.global_step == 4
+
+
+def test_final_validation_runs_when_the_interval_does_not_reach_the_end(tmp_path: Path) -> None:
+    module = tiny_module(lr=1e-3)
+    validated: list[int] = []
+
+    class Recorder(FinalValidation):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            super().on_validation_end(trainer, pl_module)
+            validated.append(trainer.global_step)
+
+    batches = random_batches(16, 8, batch_size=2, n=7)
+    trainer = cpu_trainer(
+        tmp_path,
+        max_steps=7,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        callbacks=[Recorder()],
+    )
+    trainer.fit(module, train_dataloaders=batches, val_dataloaders=batches)
+    assert validated == [5, 7]

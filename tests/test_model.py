@@ -6,18 +6,17 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
+from gptlab.cli import model_preset
 from gptlab.errors import ConfigError
 from gptlab.model import BigramModel, GPTConfig, GPTModel, MultiHeadAttention, count_parameters
-from gptlab.train import model_settings
+from gptlab.settings import model_settings
 
 TINY = GPTConfig(vocab_size=50, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
 
 def test_gpt124m_config_matches_the_seed_and_has_its_parameter_count() -> None:
-    settings = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "gpt124m.yaml"))
+    settings = model_preset("gpt124m")
     cfg = GPTConfig(**model_settings(settings, vocab_size=0))
     assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim) == (50257, 256, 768)
     assert (cfg.n_heads, cfg.n_layers, cfg.drop_rate, cfg.qkv_bias) == (12, 12, 0.1, False)

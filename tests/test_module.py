@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -10,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from gptlab.data import GPTDataModule
+from conftest import make_datamodule
 from gptlab.errors import ConfigError
-from gptlab.module import GPTLightningModule, lr_multiplier, next_token_loss
+from gptlab.module import GPTLightningModule, next_token_loss
 from gptlab.tokenizers import CharTokenizer
 
 TINY_MODEL = {
@@ -55,7 +54,7 @@ def test_untrained_loss_is_near_log_vocab() -> None:
 def test_val_ppl_is_exp_of_the_token_weighted_mean_loss(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(ALPHABET.chars[i % 7 * 3 % 20] for i in range(400)))
-    datamodule = GPTDataModule(
+    datamodule = make_datamodule(
         source="text_files", path=str(corpus), tokenizer="char", context_length=8, batch_size=3
     )
     datamodule.setup("fit")
@@ -79,17 +78,6 @@ def test_val_ppl_is_exp_of_the_token_weighted_mean_loss(tmp_path: Path) -> None:
     assert len(losses[-1]) != len(losses[0]), "the last batch should be smaller"
     assert math.isclose(metrics["val/loss"], mean, rel_tol=1e-5)
     assert math.isclose(metrics["val/ppl"], math.exp(mean), rel_tol=1e-5)
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
-    values = [lr_multiplier(step, 10, 110, 0.1) for step in range(120)]
-    assert values[0] == pytest.approx(0.1)
-    assert values[9] == pytest.approx(1.0)
-    assert values[10] == pytest.approx(1.0)
-    assert values[60] == pytest.approx(0.55)
-    assert values[110] == pytest.approx(0.1)
-    assert values[119] == pytest.approx(0.1)
-    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
 
 
 def test_tokenizer_and_model_vocab_must_match() -> None:

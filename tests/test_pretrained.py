@@ -54,7 +54,7 @@ def test_safetensors_folder_gives_the_same_logits(tmp_path: Path) -> None:
     hf.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     ours = load_gpt2(str(tmp_path))
-    assert ours.cfg == GPTConfig(
+    assert ours.config == GPTConfig(
         vocab_size=64, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0,
         qkv_bias=True,
     )  # fmt: skip
@@ -73,7 +73,7 @@ def test_pytorch_bin_in_openai_layout_gives_the_same_logits(tmp_path: Path) -> N
     state["h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
     torch.save(state, tmp_path / "pytorch_model.bin")
     ours = load_gpt2(str(tmp_path / "pytorch_model.bin"))
-    assert ours.cfg.n_heads == 2
+    assert ours.config.n_heads == 2
     idx = random_ids(64, 12)
     assert (our_logits(ours, idx) - hf_logits(hf, idx)).abs().max() < 1e-4
 
@@ -170,8 +170,8 @@ def test_train_script_starts_from_gpt2_weights(gpt2_vocab_folder: Path, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     trained = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt").model
     _, pretrained = gpt2_weights(str(gpt2_vocab_folder))
-    vocab_size = trained.cfg.vocab_size
-    assert trained.cfg.padded_vocab_size > vocab_size, "model=gpt2 pads its vocabulary"
+    vocab_size = trained.config.vocab_size
+    assert trained.config.padded_vocab_size > vocab_size, "model=gpt2 pads its vocabulary"
     for name, tensor in trained.state_dict().items():
         expected = pretrained[name]
         # Padding rows past the real vocabulary exist only in the padded model.

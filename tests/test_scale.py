@@ -11,14 +11,14 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import cpu_trainer
-from gptlab.callbacks import ThroughputSummary
 from gptlab.errors import ConfigError
 from gptlab.flops import measured_flops_per_batch, training_flops_per_batch
 from gptlab.generation import generate
 from gptlab.model import GPTConfig, GPTModel, TransformerBlock, count_parameters
-from gptlab.module import GPTLightningModule, next_token_loss
+from gptlab.module import GPTLightningModule, model_loss, next_token_loss
+from gptlab.monitor import TrainingMonitor
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import accumulation_for, build_trainer, validate
+from gptlab.train import build_trainer, validate
 
 GPT124M = {"vocab_size": 50257, "context_length": 256, "drop_rate": 0.1}
 
@@ -167,15 +167,6 @@ def test_fused_adamw_on_cuda() -> None:
     assert module.configure_optimizers()["optimizer"].defaults["fused"]
 
 
-def test_tokens_per_step_sets_accumulation() -> None:
-    assert accumulation_for(524_288, 16, 1024, 4) == 8
-    assert accumulation_for(4096, 8, 256, 2) == 1
-    with pytest.raises(ConfigError, match="tokens_per_step=5,000 is not a multiple"):
-        accumulation_for(5000, 8, 256, 1)
-    with pytest.raises(ConfigError, match="tokens_per_step"):
-        accumulation_for(1024, 8, 256, 1)
-
-
 @pytest.mark.parametrize(
     "settings",
     [
@@ -195,17 +186,26 @@ def test_analytic_flops_match_measure_flops(settings: dict) -> None:
     assert 6 * cfg.padded_vocab_size * cfg.emb_dim * 2 * 128 < 0.5 * analytic
 
 
-def test_throughput_summary_prints_tokens_per_second(
+def test_every_run_prints_its_tokens_per_second(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    summary = ThroughputSummary(warmup_batches=1)
-    trainer = cpu_trainer(tmp_path, max_steps=6, callbacks=[summary], enable_checkpointing=False)
+    monitor = TrainingMonitor()
+    trainer = cpu_trainer(tmp_path, max_steps=6, callbacks=[monitor], enable_checkpointing=False)
     trainer.fit(tiny_module(), train_dataloaders=random_batches(n=24))
     out = capsys.readouterr().out
-    # Six batches, the first left out as warm-up; 4 windows of 8 tokens each.
-    assert summary.batches == 5 and summary.tokens == 5 * 4 * 8
-    assert "tokens/s" in out and "TFLOP/s per device" in out
-    assert "MFU n/a" in out, "a CPU has no known peak, so no MFU may be made up"
+    # Timed after the first step (compilation, allocation): 5 steps of 4 windows of 8 tokens.
+    assert monitor._timed[1:] == [5 * 4 * 8, 5]
+    assert f"{monitor.run_tokens_per_sec:,.0f} tokens/s" in out
+    assert "over 5 steps" in out
+    assert "MFU" not in out, "a CPU has no known peak, so no MFU may be made up"
+
+
+def test_a_one_step_run_still_reports_its_tokens_per_second(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trainer = cpu_trainer(tmp_path, max_steps=1, callbacks=[TrainingMonitor()])
+    trainer.fit(tiny_module(), train_dataloaders=random_batches(n=4))
+    assert "tokens/s, " in capsys.readouterr().out
 
 
 def test_fsdp_config_wraps_transformer_blocks() -> None:
@@ -229,11 +229,12 @@ def test_compiled_checkpoint_loads_into_uncompiled_model(tmp_path: Path) -> None
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not [key for key in state if "_orig_mod" in key]
     eager = GPTLightningModule.load_from_checkpoint(ckpt, compile=False).eval()
-    assert eager.compiled_forward is None
-    idx = torch.tensor([[0, 1, 2, 1]])
+    assert eager.loss_of is model_loss
+    idx, targets = torch.tensor([[0, 1, 2, 1]]), torch.tensor([[1, 2, 1, 0]])
     with torch.no_grad():
         torch.testing.assert_close(eager(idx), module.eval().model(idx))
-        torch.testing.assert_close(module.logits(idx), eager(idx), rtol=1e-4, atol=1e-5)
+        compiled = module.loss_of(module.model, idx, targets)
+        torch.testing.assert_close(compiled, eager.loss_of(eager.model, idx, targets))
 
 
 def test_tokens_per_step_reaches_the_trainer(compose_train_config) -> None:
@@ -241,11 +242,11 @@ def test_tokens_per_step_reaches_the_trainer(compose_train_config) -> None:
         "model=tiny", "trainer=cpu", "data.batch_size=8", "tokens_per_step=2048"
     )
     # 2048 tokens per step / (8 windows x 32 tokens x 1 process) = 8 micro-batches.
-    assert build_trainer(cfg).accumulate_grad_batches == 8
+    assert build_trainer(cfg, *validate(cfg)).accumulate_grad_batches == 8
     both = compose_train_config(
         "model=tiny", "trainer=cpu", "tokens_per_step=2048", "trainer.accumulate_grad_batches=2"
     )
     with pytest.raises(ConfigError, match="not both"):
-        build_trainer(both)
+        validate(both)
     with pytest.raises(ConfigError, match="tokens_per_step=1,000"):
         validate(compose_train_config("model=tiny", "tokens_per_step=1000"))

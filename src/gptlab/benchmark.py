@@ -9,6 +9,7 @@ so drift in a shared machine's speed hits both alike.
 
 from __future__ import annotations
 
+import platform
 import resource
 import statistics
 import time
@@ -18,13 +19,22 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from gptlab.checks import is_count
+from gptlab.errors import ConfigError
 from gptlab.flops import training_flops_per_batch
 from gptlab.model import GPTConfig, build_model
-from gptlab.module import GPTLightningModule, adamw_param_groups, next_token_loss
+from gptlab.module import GPTLightningModule, model_loss
+from gptlab.monitor import TrainingMonitor, compute_dtype
+from gptlab.optim import OptimizerSettings, build_adamw
+from gptlab.settings import check_accelerator, model_settings, resolve_precision
+from gptlab.tokenizers import CharTokenizer
 
 VARIANTS = ("lightning", "plain")
+# GPT-2's BPE vocabulary, so gpt2 models are benchmarked without loading the tokenizer.
+GPT2_VOCAB_SIZE = 50257
 
 
 @dataclass
@@ -90,31 +100,26 @@ def lightning_round(
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[StepTimer(warmup, timings)],
+        # What a real run reads and logs each written step (loss, lr, grad norm, tokens/s).
+        callbacks=[TrainingMonitor(), StepTimer(warmup, timings)],
     )
     trainer.fit(module, train_dataloaders=loader)
 
 
 def plain_round(
     model: torch.nn.Module,
-    forward: Callable[[torch.Tensor], torch.Tensor],
+    loss_of: Callable[..., torch.Tensor],
     loader: DataLoader,
     device: torch.device,
     precision: str,
-    optimizer_cfg: dict,
+    optimizer_settings: OptimizerSettings,
     gradient_clip_val: float,
     warmup: int,
     timings: Timings,
 ) -> None:
-    """The loop a hand-written trainer runs: forward, backward, clip, step, zero."""
-    matrix_names = {name for name, p in model.named_parameters() if p.dim() >= 2}
-    optimizer = torch.optim.AdamW(
-        adamw_param_groups(model, matrix_names, optimizer_cfg.get("weight_decay", 0.0)),
-        lr=optimizer_cfg["lr"],
-        betas=tuple(optimizer_cfg.get("betas", (0.9, 0.999))),
-        fused=device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    """The loop a hand-written trainer runs: forward and loss, backward, clip, step, zero."""
+    fused = optimizer_settings.use_fused(device.type, precision, bool(gradient_clip_val))
+    optimizer, scheduler = build_adamw(model, optimizer_settings, fused, total_steps=len(loader))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     last: float | None = None
     model.train()
@@ -124,7 +129,7 @@ def plain_round(
             targets.to(device, non_blocking=True),
         )
         with autocast:
-            loss = next_token_loss(forward(inputs), targets)
+            loss = loss_of(model, inputs, targets)
         loss.backward()
         if gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(model.parameters(), gradient_clip_val)
@@ -138,9 +143,9 @@ def plain_round(
 
 
 def benchmark(
-    model_cfg: dict,
+    model_config: GPTConfig,
     tokenizer: dict,
-    optimizer_cfg: dict,
+    optimizer_settings: OptimizerSettings,
     batch_size: int,
     accelerator: str,
     precision: str,
@@ -152,13 +157,14 @@ def benchmark(
     rounds: int,
 ) -> dict[str, Timings]:
     """Per-variant step timings over `rounds` interleaved rounds of `warmup + steps` steps."""
-    module = GPTLightningModule(model_cfg, optimizer_cfg, tokenizer, compile=compile)
+    module = GPTLightningModule(model_config, optimizer_settings, tokenizer, compile=compile)
     device = torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
-    plain = build_model(GPTConfig(**model_cfg)).to(device)
+    plain = build_model(model_config).to(device)
     plain.load_state_dict(module.model.state_dict())
-    forward = torch.compile(plain.forward) if compile else plain
-    cfg = module.config
-    loader = random_batches(cfg.vocab_size, cfg.context_length, batch_size, warmup + steps)
+    loss_of = torch.compile(model_loss) if compile else model_loss
+    loader = random_batches(
+        model_config.vocab_size, model_config.context_length, batch_size, warmup + steps
+    )
     timings = {variant: Timings() for variant in VARIANTS}
     for round_index in range(rounds):
         order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
@@ -179,11 +185,11 @@ def benchmark(
             else:
                 plain_round(
                     plain,
-                    forward,
+                    loss_of,
                     loader,
                     device,
                     precision,
-                    optimizer_cfg,
+                    optimizer_settings,
                     gradient_clip_val,
                     warmup,
                     timings[variant],
@@ -196,14 +202,14 @@ def benchmark(
 
 def report(
     timings: dict[str, Timings],
-    cfg: GPTConfig,
+    config: GPTConfig,
     batch_size: int,
     device: torch.device,
     precision: str,
 ) -> str:
     """A table of tokens/s, median ms/step, MFU and peak memory, and the overhead ratio."""
-    flops = training_flops_per_batch(cfg, batch_size, cfg.context_length)
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    flops = training_flops_per_batch(config, batch_size, config.context_length)
+    dtype = compute_dtype(precision)
     peak_flops = get_available_flops(device, dtype)
     lines = [f"{'variant':<10} {'tokens/s':>12} {'ms/step':>10} {'MFU':>8} {'peak mem':>12}"]
     medians = {}
@@ -212,7 +218,7 @@ def report(
         medians[variant] = median
         mfu = f"{flops / median / peak_flops:.1%}" if peak_flops else "n/a"
         memory = f"{timing.peak_memory / 2**20:,.0f} MiB" if device.type == "cuda" else "-"
-        tokens = batch_size * cfg.context_length / median
+        tokens = batch_size * config.context_length / median
         lines.append(f"{variant:<10} {tokens:>12,.0f} {1000 * median:>10.2f} {mfu:>8} {memory:>12}")
     overhead = medians["lightning"] / medians["plain"] - 1
     lines.append(f"Lightning overhead: {overhead:+.1%} ms/step over the plain loop")
@@ -226,3 +232,62 @@ def report(
     n = {variant: len(t.seconds) for variant, t in timings.items()}
     lines.append(f"Steps timed per variant: {n}; analytic FLOPs per step: {flops:.3e}")
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        models = []
+    return models[0] if models else platform.processor() or platform.machine()
+
+
+def benchmark_from_config(cfg: DictConfig) -> None:
+    """`gptlab-bench`: the Lightning step against the plain loop for `cfg.model`, printed."""
+    for key in ("batch_size", "steps", "rounds"):
+        if not is_count(cfg[key]) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]!r} must be a whole number >= 1.")
+    if not is_count(cfg.warmup) or cfg.warmup < 1:
+        raise ConfigError(f"warmup={cfg.warmup!r} must be at least 1: the first step is untimed.")
+    accelerator = check_accelerator(cfg.accelerator)
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.precision, accelerator)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model["tokenizer"] == "char":
+        alphabet = "".join(chr(33 + i) for i in range(cfg.char_vocab_size))
+        tokenizer, vocab_size = CharTokenizer(alphabet).to_dict(), cfg.char_vocab_size
+    else:
+        tokenizer, vocab_size = {"name": "gpt2"}, GPT2_VOCAB_SIZE
+    config = GPTConfig(**model_settings(model, vocab_size))
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(
+        f"Device: {name} ({accelerator}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, precision {precision}, compile {bool(model['compile'])}"
+    )
+    print(
+        f"Model {config.arch} d={config.emb_dim} L={config.n_layers} ctx={config.context_length} "
+        f"vocab={vocab_size}; batch {cfg.batch_size}; {cfg.rounds} rounds x ({cfg.warmup} "
+        f"warm-up + {cfg.steps} timed) steps per variant"
+    )
+    timings = benchmark(
+        model_config=config,
+        tokenizer=tokenizer,
+        optimizer_settings=OptimizerSettings.from_mapping(
+            OmegaConf.to_container(cfg.optimizer, resolve=True)
+        ),
+        batch_size=cfg.batch_size,
+        accelerator=accelerator,
+        precision=precision,
+        compile=bool(model["compile"]),
+        gradient_clip_val=cfg.gradient_clip_val,
+        log_every_n_steps=cfg.log_every_n_steps,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        rounds=cfg.rounds,
+    )
+    print(report(timings, config, cfg.batch_size, device, precision))

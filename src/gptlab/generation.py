@@ -10,19 +10,33 @@ import torch
 from torch import nn
 
 from gptlab.errors import ConfigError
-from gptlab.tokenizers import Tokenizer
+from gptlab.tokenizers import Tokenizer, UnknownCharacters
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Prompt token ids; an empty prompt starts from `<|endoftext|>` where there is one."""
-    if prompt:
+def encode_prompt(tokenizer: Tokenizer, prompt: str, key: str = "prompt") -> list[int]:
+    """Prompt token ids; an empty prompt starts from `<|endoftext|>` where there is one.
+
+    `key` names the setting the prompt came from, for errors.
+    """
+    if not prompt:
+        if tokenizer.eot_id is None:
+            raise ConfigError(
+                f"An empty {key} needs a start token and the {tokenizer.name} tokenizer has "
+                f"none: give {key}=<some text>."
+            )
+        return [tokenizer.eot_id]
+    try:
         return tokenizer.encode(prompt)
-    if tokenizer.eot_id is None:
+    except UnknownCharacters as err:
+        kept = "".join(c for c in prompt if c not in err.characters)
+        lowered = prompt.lower()
+        suggestion = lowered if not set(lowered) & set(err.characters) and lowered else kept
         raise ConfigError(
-            f"An empty prompt needs a start token and the {tokenizer.name} tokenizer has none: "
-            f"give prompt=<some text>."
-        )
-    return [tokenizer.eot_id]
+            f"{key}={prompt!r} has characters {err.characters!r} that this char model's "
+            f"vocabulary lacks (it holds the {tokenizer.vocab_size} characters of its training "
+            f"corpus): give a {key} made of the corpus's characters, e.g. "
+            f"'{key}={suggestion!r}'."
+        ) from None
 
 
 def check_sampling(
@@ -114,7 +128,7 @@ def stream_tokens(
     rows have. `seed` makes sampling repeatable unless a `generator` is given.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    context_length = context_length or model.cfg.context_length
+    context_length = context_length or model.config.context_length
     if idx.shape[1] > context_length:
         warnings.warn(
             f"The prompt has {idx.shape[1]} tokens, more than context_length={context_length}: "

@@ -113,16 +113,16 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention computed by PyTorch's fused SDPA kernel."""
 
-    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.layer = layer
-        self.n_heads = cfg.n_heads
-        self.head_dim = cfg.head_dim
-        self.drop_rate = cfg.drop_rate
-        self.W_query = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_key = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.W_value = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.drop_rate = config.drop_rate
+        self.W_query = nn.Linear(config.emb_dim, config.emb_dim, bias=config.qkv_bias)
+        self.W_key = nn.Linear(config.emb_dim, config.emb_dim, bias=config.qkv_bias)
+        self.W_value = nn.Linear(config.emb_dim, config.emb_dim, bias=config.qkv_bias)
+        self.out_proj = nn.Linear(config.emb_dim, config.emb_dim)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, n_tokens, _ = x.shape
@@ -158,12 +158,12 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise MLP, 4x wide, with GPT-2's tanh-approximated GELU."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.Linear(config.emb_dim, 4 * config.emb_dim),
             nn.GELU(approximate="tanh"),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            nn.Linear(4 * config.emb_dim, config.emb_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,13 +173,13 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + drop(att(norm(x))), then x + drop(ff(norm(x)))."""
 
-    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.emb_dim)
-        self.att = MultiHeadAttention(cfg, layer)
-        self.norm2 = nn.LayerNorm(cfg.emb_dim)
-        self.ff = FeedForward(cfg)
-        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+        self.norm1 = nn.LayerNorm(config.emb_dim)
+        self.att = MultiHeadAttention(config, layer)
+        self.norm2 = nn.LayerNorm(config.emb_dim)
+        self.ff = FeedForward(config)
+        self.drop_shortcut = nn.Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
@@ -189,20 +189,20 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """GPT-2: token + position embeddings, `n_layers` blocks, final norm, linear head."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.config = config
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.emb_dim)
+        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
+        self.drop_emb = nn.Dropout(config.drop_rate)
         self.trf_blocks = nn.ModuleList(
-            TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)
+            TransformerBlock(config, layer) for layer in range(config.n_layers)
         )
-        self.final_norm = nn.LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_weights:
+        self.final_norm = nn.LayerNorm(config.emb_dim)
+        self.out_head = nn.Linear(config.emb_dim, config.padded_vocab_size, bias=False)
+        if config.tie_weights:
             self.out_head.weight = self.tok_emb.weight
-        if cfg.init == "gpt2":
+        if config.init == "gpt2":
             self._init_gpt2()
 
     def _init_gpt2(self) -> None:
@@ -213,13 +213,13 @@ class GPTModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for block in self.trf_blocks:
             for projection in (block.att.out_proj, block.ff.layers[2]):
                 nn.init.normal_(projection.weight, mean=0.0, std=residual_std)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.n_layers, self.cfg.context_length)
+        return KVCache(self.config.n_layers, self.config.context_length)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab) for token ids (batch, tokens).
@@ -229,10 +229,10 @@ class GPTModel(nn.Module):
         """
         n_tokens = idx.shape[1]
         start = cache.length if cache is not None else 0
-        if start + n_tokens > self.cfg.context_length:
+        if start + n_tokens > self.config.context_length:
             raise ValueError(
-                f"{start + n_tokens} positions exceed context_length={self.cfg.context_length}: "
-                f"crop the input to the last {self.cfg.context_length} tokens."
+                f"{start + n_tokens} positions exceed context_length={self.config.context_length}: "
+                f"crop the input to the last {self.config.context_length} tokens."
             )
         positions = torch.arange(start, start + n_tokens, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
@@ -241,16 +241,16 @@ class GPTModel(nn.Module):
         if cache is not None:
             cache.length += n_tokens
         # Padded rows are no tokens: their logits never reach the loss or a sampler.
-        return self.out_head(self.final_norm(x))[..., : self.cfg.vocab_size]
+        return self.out_head(self.final_norm(x))[..., : self.config.vocab_size]
 
 
 class BigramModel(nn.Module):
     """The seed's baseline: each token's logits for the next token are one table row."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.token_logits = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
+        self.config = config
+        self.token_logits = nn.Embedding(config.vocab_size, config.vocab_size)
 
     def new_cache(self) -> None:
         """A bigram looks at one token only, so there is nothing to cache."""
@@ -260,8 +260,8 @@ class BigramModel(nn.Module):
         return self.token_logits(idx)
 
 
-def build_model(cfg: GPTConfig) -> GPTModel | BigramModel:
-    return BigramModel(cfg) if cfg.arch == "bigram" else GPTModel(cfg)
+def build_model(config: GPTConfig) -> GPTModel | BigramModel:
+    return BigramModel(config) if config.arch == "bigram" else GPTModel(config)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,19 +1,22 @@
-"""The LightningModule: next-token cross-entropy, perplexity, AdamW and its schedule."""
+"""The LightningModule: next-token cross-entropy, perplexity, AdamW, clipping and compile."""
 
 from __future__ import annotations
 
 import math
-from functools import partial
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from gptlab.errors import ConfigError
-from gptlab.flops import training_flops_per_batch
 from gptlab.model import GPTConfig, build_model
+from gptlab.optim import OptimizerSettings, build_adamw
 from gptlab.tokenizers import Tokenizer, tokenizer_from_dict
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_vocab_size(vocab_size: int, tokenizer: Tokenizer) -> None:
@@ -31,64 +34,24 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def writes_step_metrics(trainer: L.Trainer) -> bool:
-    """Whether the loggers write this training step's metrics (every `log_every_n_steps`).
+def model_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Forward and loss in one function, so `torch.compile` makes one graph of both: the fp32
+    upcast of the logits then fuses into the cross-entropy instead of being materialised."""
+    return next_token_loss(model(inputs), targets)
 
-    Lightning drops step values logged on the other steps, yet each `self.log` call still
-    costs about 0.3 ms on a CPU, a quarter of a small model's step for three calls.
+
+def gradient_norm(root: torch.nn.Module, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm, clipping to `max_norm` (inf: measure only), without a host sync.
+
+    FSDP holds each rank's shard of the gradients, so only its root can compute the global
+    norm; every other strategy has whole gradients on each rank.
     """
-    return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
-
-
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_optimizer(optimizer: dict[str, Any]) -> None:
-    lr = optimizer["lr"]
-    if not is_number(lr) or not lr > 0:
-        raise ConfigError(f"optimizer.lr={lr!r} must be positive, e.g. 4e-4.")
-    for key in ("weight_decay", "warmup_steps", "min_lr"):
-        value = optimizer.get(key, 0)
-        if not is_number(value) or value < 0:
-            raise ConfigError(f"optimizer.{key}={value!r} must be a number >= 0.")
-    betas = optimizer.get("betas", (0.9, 0.999))
-    if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
-        raise ConfigError(
-            f"optimizer.betas={list(betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]."
-        )
-    schedule = optimizer.get("schedule", "constant")
-    if schedule not in ("constant", "cosine"):
-        raise ConfigError(f"optimizer.schedule={schedule!r} is unknown: use constant or cosine.")
-    min_lr = optimizer.get("min_lr", 0.0)
-    if not 0 <= min_lr <= lr:
-        raise ConfigError(f"optimizer.min_lr={min_lr!r} must be between 0 and optimizer.lr={lr}.")
-
-
-FSDP_PREFIX = "_fsdp_wrapped_module."
-
-
-def adamw_param_groups(
-    module: torch.nn.Module, matrix_names: set[str], weight_decay: float
-) -> list[dict[str, Any]]:
-    """Weight decay on matrices and embeddings only, never on biases or LayerNorm gains.
-
-    `matrix_names` are the >= 2-D parameters of the unwrapped module: FSDP flattens its
-    shards to 1-D, so shapes seen here cannot decide.
-    """
-    named = [(name.replace(FSDP_PREFIX, ""), p) for name, p in module.named_parameters()]
-    return [
-        {"params": [p for name, p in named if name in matrix_names], "weight_decay": weight_decay},
-        {"params": [p for name, p in named if name not in matrix_names], "weight_decay": 0.0},
-    ]
+    if isinstance(root, FullyShardedDataParallel):
+        return root.clip_grad_norm_(max_norm)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if math.isinf(max_norm):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
 class GPTLightningModule(L.LightningModule):
@@ -96,49 +59,55 @@ class GPTLightningModule(L.LightningModule):
 
     def __init__(
         self,
-        model: dict[str, Any],
-        optimizer: dict[str, Any],
+        model: GPTConfig | Mapping[str, Any],
+        optimizer: OptimizerSettings | Mapping[str, Any],
         tokenizer: dict,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        check_optimizer(optimizer)
-        self.config = GPTConfig(**model)
+        self.config = model if isinstance(model, GPTConfig) else GPTConfig(**model)
+        self.optimizer_settings = OptimizerSettings.of(optimizer)
+        if compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"model.compile_mode={compile_mode!r} is unknown: use one of "
+                f"{', '.join(COMPILE_MODES)}."
+            )
+        # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "model": self.config.to_dict(),
+                "optimizer": self.optimizer_settings.to_dict(),
+                "tokenizer": tokenizer,
+                "compile": compile,
+                "compile_mode": compile_mode,
+            }
+        )
         self.tokenizer = tokenizer_from_dict(tokenizer)
         check_vocab_size(self.config.vocab_size, self.tokenizer)
         self.model = build_model(self.config)
         self.matrix_names = {name for name, p in self.named_parameters() if p.dim() >= 2}
-        # Compile the inner forward, not the module, so state_dict keys keep no `_orig_mod.`
+        # The model is passed in, not compiled itself, so state_dict keys keep no `_orig_mod.`
         # and checkpoints load into uncompiled models; generation stays eager.
-        self.compiled_forward = torch.compile(self.model.forward) if compile else None
-        # Read by ThroughputMonitor after each batch to report FLOPs/s and MFU.
-        self.flops_per_batch: int | None = None
+        self.loss_of = torch.compile(model_loss, mode=compile_mode) if compile else model_loss
+        # The last training micro-batch's loss and the last step's gradient norm, as device
+        # tensors: callbacks read them when they log, so no step waits for the GPU.
+        self.last_loss: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None
         self._val_totals: list[torch.Tensor] = []
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """The training and validation forward: compiled when `compile` is on."""
-        return self.model(idx) if self.compiled_forward is None else self.compiled_forward(idx)
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         inputs, targets = batch
-        if self.flops_per_batch is None:
-            self.flops_per_batch = training_flops_per_batch(self.config, *inputs.shape)
-        loss = next_token_loss(self.logits(inputs), targets)
-        if writes_step_metrics(self.trainer):
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("train/ppl", loss.detach().exp())
-            # Both AdamW groups share one schedule, so one "lr" curve; Lightning's
-            # LearningRateMonitor would log it twice, as lr/pg1 and lr/pg2.
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        loss = self.loss_of(self.model, inputs, targets)
+        self.last_loss = loss.detach()
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch
-        loss = next_token_loss(self.logits(inputs), targets)
+        loss = self.loss_of(self.model, inputs, targets)
         n_targets = torch.tensor(targets.numel(), device=loss.device, dtype=torch.float64)
         self._val_totals.append(torch.stack([loss.detach().double() * n_targets, n_targets]))
 
@@ -151,30 +120,38 @@ class GPTLightningModule(L.LightningModule):
         loss = (totals[0] / totals[1]).float()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", loss.exp())
+        # Loggers take a metric named "step" as the x value: the optimizer steps taken, the
+        # number that checkpoint names and the Text tab show too (Lightning would say one less).
+        self.log("step", float(self.trainer.global_step))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm here rather than in Lightning's precision plugin.
+
+        The plugin refuses fused AdamW under any mixed precision, bf16 included, where no
+        gradient is scaled; and under FSDP it cannot clip by norm at all. Under 16-mixed
+        the gradients reaching this hook are unscaled unless AdamW is fused, which
+        `OptimizerSettings.use_fused` rules out with clipping.
+        """
+        if gradient_clip_algorithm not in (None, "norm"):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        max_norm = float(gradient_clip_val) if gradient_clip_val else math.inf
+        self.grad_norm = gradient_norm(self.trainer.strategy.model, self, max_norm).detach()
 
     def configure_optimizers(self):
-        opt = self.hparams.optimizer
-        optimizer = torch.optim.AdamW(
-            adamw_param_groups(self, self.matrix_names, opt.get("weight_decay", 0.0)),
-            lr=opt["lr"],
-            betas=tuple(opt.get("betas", (0.9, 0.999))),
-            # One kernel for all parameters instead of a loop of small ones.
-            fused=self.device.type == "cuda",
+        settings = self.optimizer_settings
+        fused = settings.use_fused(
+            self.device.type, self.trainer.precision, bool(self.trainer.gradient_clip_val)
         )
-        cosine = opt.get("schedule", "constant") == "cosine"
-        total_steps = self.trainer.estimated_stepping_batches if cosine else 0
-        if not math.isfinite(total_steps):
-            raise ConfigError(
-                "optimizer.schedule=cosine needs a finite run: set trainer.max_steps "
-                "or trainer.max_epochs."
-            )
-        schedule = partial(
-            lr_multiplier,
-            warmup_steps=opt.get("warmup_steps", 0),
-            total_steps=int(total_steps),
-            min_lr_ratio=opt.get("min_lr", 0.0) / opt["lr"] if cosine else 1.0,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        total_steps = settings.schedule_length(self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = build_adamw(self, settings, fused, total_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},

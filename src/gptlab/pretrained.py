@@ -136,18 +136,18 @@ def gpt2_config(state: dict[str, torch.Tensor], folder: Path) -> GPTConfig:
     )
 
 
-def to_gptmodel_names(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def to_gptmodel_names(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """GPTModel's state dict from GPT-2's: split c_attn, transpose Conv1D, fill the head."""
     linear = {"weight": lambda w: w.t(), "bias": lambda b: b}  # Conv1D stores (in, out)
     state = {
         "tok_emb.weight": hf["wte.weight"],
-        "pos_emb.weight": hf["wpe.weight"][: cfg.context_length],
+        "pos_emb.weight": hf["wpe.weight"][: config.context_length],
         "final_norm.weight": hf["ln_f.weight"],
         "final_norm.bias": hf["ln_f.bias"],
         # save_pretrained drops the tied head; older files repeat the embedding.
         "out_head.weight": hf.get("lm_head.weight", hf["wte.weight"]),
     }
-    for i in range(cfg.n_layers):
+    for i in range(config.n_layers):
         h, ours = f"h.{i}.", f"trf_blocks.{i}."
         for part in ("weight", "bias"):
             state[f"{ours}norm1.{part}"] = hf[f"{h}ln_1.{part}"]
@@ -174,16 +174,16 @@ def gpt2_weights(source: str, key: str = "pretrained") -> tuple[GPTConfig, dict[
             f"{path} is not a GPT-2 checkpoint: it has no wte/wpe embeddings (keys such as "
             f"{sorted(state)[:3]}). Give a GPT2LMHeadModel folder or weights file."
         )
-    cfg = gpt2_config(state, path.parent)
+    config = gpt2_config(state, path.parent)
     try:
-        return cfg, to_gptmodel_names(state, cfg)
+        return config, to_gptmodel_names(state, config)
     except KeyError as err:
         raise ConfigError(f"{path} is not a complete GPT-2 checkpoint: {err} is missing.") from None
 
 
 def load_gpt2(source: str) -> GPTModel:
     """A GPTModel in eval mode holding the GPT-2 weights of a local folder, file or hub id."""
-    cfg, state = gpt2_weights(source)
-    model = GPTModel(cfg)
+    config, state = gpt2_weights(source)
+    model = GPTModel(config)
     model.load_state_dict(state)
     return model.eval()

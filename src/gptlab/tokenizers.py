@@ -6,6 +6,7 @@ so a checkpoint alone can encode prompts and decode samples.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -35,7 +36,19 @@ class GPT2Tokenizer:
     def __init__(self) -> None:
         import tiktoken
 
-        self._encoding = tiktoken.get_encoding("gpt2")
+        try:
+            self._encoding = tiktoken.get_encoding("gpt2")
+        except Exception as err:  # tiktoken's download raises whatever requests raises
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+            where = f"TIKTOKEN_CACHE_DIR={cache}" if cache else "tiktoken's cache"
+            raise ConfigError(
+                f"The GPT-2 tokenizer's BPE files (vocab.bpe, encoder.json) are not in {where} "
+                f"and could not be downloaded ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}). "
+                f"tiktoken downloads them once from openaipublic.blob.core.windows.net; offline, "
+                f"copy its cache folder from a machine that has it and set TIKTOKEN_CACHE_DIR to "
+                f"it, or use a char model (e.g. model=char_small)."
+            ) from None
         self.vocab_size: int = self._encoding.n_vocab
         self.eot_id: int | None = self._encoding.eot_token
 
@@ -47,6 +60,14 @@ class GPT2Tokenizer:
 
     def to_dict(self) -> dict:
         return {"name": self.name}
+
+
+class UnknownCharacters(ConfigError):
+    """Text holds characters a char vocabulary lacks; `characters` are they, sorted."""
+
+    def __init__(self, message: str, characters: str) -> None:
+        super().__init__(message)
+        self.characters = characters
 
 
 class CharTokenizer:
@@ -70,11 +91,12 @@ class CharTokenizer:
         try:
             return [self._index[ch] for ch in text]
         except KeyError:
-            unknown = sorted(set(text) - set(self._index))
-            raise ConfigError(
-                f"Characters {''.join(unknown)!r} (code points {[ord(c) for c in unknown]}) are "
+            unknown = "".join(sorted(set(text) - set(self._index)))
+            raise UnknownCharacters(
+                f"Characters {unknown!r} (code points {[ord(c) for c in unknown]}) are "
                 f"not in this char tokenizer's {self.vocab_size}-character vocabulary, which was "
-                f"built from the training corpus: remove them from the text."
+                f"built from the training corpus: remove them from the text.",
+                unknown,
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:

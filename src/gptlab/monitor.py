@@ -1,0 +1,341 @@
+"""What a run shows while it trains: scalars, samples, hyperparameters and the loss plot.
+
+Every value here that lives on the accelerator is read only on the steps the loggers write
+(`trainer.log_every_n_steps`), the last step and a step an interrupt stops at, so the GPU is
+never waited on in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.utils.tensorboard.summary import hparams
+
+from gptlab.errors import TrainingInterrupted
+from gptlab.flops import training_flops_per_batch
+from gptlab.generation import check_sampling, encode_prompt, generate
+from gptlab.model import build_model, count_parameters
+from gptlab.plots import plot_losses
+from gptlab.steps import is_final_step, optimizer_stepped
+from gptlab.sweep import swept_hparams
+
+log = logging.getLogger(__name__)
+
+# The dtype whose peak FLOP/s an MFU is measured against, by Lightning precision.
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls of a Lightning precision run in."""
+    return COMPUTE_DTYPES.get(str(precision).split("-")[0], torch.float32)
+
+
+def synchronized_clock(trainer: L.Trainer) -> float:
+    """Seconds, once the accelerator has finished the work queued so far."""
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize(trainer.strategy.root_device)
+    return time.perf_counter()
+
+
+def tensorboard_loggers(trainer: L.Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class TrainingMonitor(Callback):
+    """Train metrics, throughput, tokens seen and the loss curves of a run.
+
+    On each written step it logs `train/loss` (the mean over the step's micro-batches),
+    `train/ppl`, `train/lr`, `train/grad_norm`, `train/tokens_per_sec` (since the last written
+    step, validation excluded), `train/mfu` where Lightning knows the device's peak, and
+    `train/tokens_seen`, and shows loss, lr and tokens/s in the progress bar. The curves
+    travel in checkpoints, so a resumed run plots its whole history in `loss.png`. At the end
+    it prints the run's tokens/s and MFU, timed from the end of the first optimizer step
+    (compilation and allocation) unless the run has only that one.
+    """
+
+    def __init__(self, plot_path: str | None = None) -> None:
+        self.plot_path = plot_path
+        self.tokens_seen = 0
+        # (tokens seen, optimizer step, loss) triples.
+        self.train_losses: list[tuple[int, int, float]] = []
+        self.val_losses: list[tuple[int, int, float]] = []
+        self.run_tokens_per_sec: float | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._micro_batches = 0
+        self._unwritten_step: int | None = None
+        self._window_start: float | None = None
+        self._window_tokens = 0
+        self._window_steps = 0
+        self._paused_at: float | None = None
+        self._timed = [0.0, 0, 0]  # seconds, tokens, steps after the first step
+        self._first = [0.0, 0, 0]  # the same for the first step alone
+        self._flops_per_token: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._window_start = synchronized_clock(trainer)
+        self._timed, self._first = [0.0, 0, 0], [0.0, 0, 0]
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+    ) -> None:
+        tokens = batch[0].numel() * trainer.world_size
+        self.tokens_seen += tokens
+        self._window_tokens += tokens
+        if self._flops_per_token is None:
+            flops = training_flops_per_batch(pl_module.config, *batch[0].shape)
+            self._flops_per_token = flops / batch[0].numel()
+        loss = pl_module.last_loss
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._micro_batches += 1
+        if not optimizer_stepped(trainer, batch_idx):
+            return
+        self._window_steps += 1
+        step = trainer.global_step
+        if not self._first[2]:
+            # The first step compiles and allocates: timed on its own, kept out of the rate.
+            self._close_window(trainer, self._first)
+        if step % trainer.log_every_n_steps == 0 or is_final_step(trainer):
+            self.write(trainer, pl_module)
+        else:
+            self._unwritten_step = step
+
+    def write(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, to_bar: bool = True
+    ) -> None:
+        """Log the steps since the last write, at the optimizer step just taken (and show them
+        in the progress bar, except where Lightning allows no logging: after an exception)."""
+        step = trainer.global_step
+        loss = float(self._loss_sum / self._micro_batches)
+        seconds, tokens, _ = self._close_window(trainer, self._timed)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        metrics = {
+            "train/loss": loss,
+            "train/ppl": math.exp(min(loss, 700.0)),
+            "train/lr": lr,
+            "train/tokens_seen": float(self.tokens_seen),
+        }
+        if pl_module.grad_norm is not None:
+            metrics["train/grad_norm"] = float(pl_module.grad_norm)
+        if seconds > 0:
+            metrics["train/tokens_per_sec"] = tokens / seconds
+            mfu = self.mfu(trainer, tokens / seconds)
+            if mfu is not None:
+                metrics["train/mfu"] = mfu
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        bar = {"loss": loss, "lr": lr, "tok/s": metrics.get("train/tokens_per_sec", 0.0)}
+        for name, value in bar.items() if to_bar else ():
+            pl_module.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self.train_losses.append((self.tokens_seen, step, loss))
+        self._loss_sum, self._micro_batches, self._unwritten_step = None, 0, None
+
+    def _close_window(self, trainer: L.Trainer, totals: list) -> tuple[float, int, int]:
+        """End the timing window at this step, add it to `totals`, start the next one."""
+        now = synchronized_clock(trainer)
+        window = (now - self._window_start, self._window_tokens, self._window_steps)
+        for i, value in enumerate(window):
+            totals[i] += value
+        self._window_start, self._window_tokens, self._window_steps = now, 0, 0
+        return window
+
+    def mfu(self, trainer: L.Trainer, tokens_per_sec: float) -> float | None:
+        """Model FLOPs utilisation per device; None where Lightning knows no peak (CPUs)."""
+        peak = get_available_flops(trainer.strategy.root_device, compute_dtype(trainer.precision))
+        if not peak or not self._flops_per_token:
+            return None
+        return self._flops_per_token * tokens_per_sec / trainer.world_size / peak
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self._paused_at = synchronized_clock(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._paused_at is not None and self._window_start is not None:
+            self._window_start += synchronized_clock(trainer) - self._paused_at
+        self._paused_at = None
+        loss = trainer.callback_metrics.get("val/loss")
+        if not trainer.sanity_checking and loss is not None:
+            self.val_losses.append((self.tokens_seen, trainer.global_step, float(loss)))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds, tokens, steps = self._timed if self._timed[2] else self._first
+        if not steps or seconds <= 0:
+            return
+        self.run_tokens_per_sec = tokens / seconds
+        message = (
+            f"Throughput: {self.run_tokens_per_sec:,.0f} tokens/s, {1000 * seconds / steps:.1f} "
+            f"ms/step over {steps} step{'s' if steps > 1 else ''} on {trainer.world_size} x "
+            f"{trainer.strategy.root_device.type}"
+        )
+        mfu = self.mfu(trainer, self.run_tokens_per_sec)
+        if mfu is not None:
+            message += f", MFU {mfu:.1%}"
+        if trainer.is_global_zero:
+            print(message)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.plot(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # The step an interrupt stopped at belongs on the curves, as a finished run's last does.
+        if isinstance(exception, TrainingInterrupted) and self._unwritten_step == (
+            trainer.global_step
+        ):
+            self.write(trainer, pl_module, to_bar=False)
+        self.plot(trainer)
+
+    def plot(self, trainer: L.Trainer) -> None:
+        if self.plot_path and trainer.is_global_zero and (self.train_losses or self.val_losses):
+            plot_losses(self.train_losses, self.val_losses, Path(self.plot_path))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "train_losses": self.train_losses,
+            "val_losses": self.val_losses,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = state_dict["tokens_seen"]
+        self.train_losses = [tuple(x) for x in state_dict["train_losses"]]
+        self.val_losses = [tuple(x) for x in state_dict["val_losses"]]
+
+
+def inference_model(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.nn.Module | None:
+    """The model to sample from: the training one, or on rank 0 a whole copy under FSDP.
+
+    FSDP shards the parameters, so its model is only whole inside its own forward. Gathering
+    the full state is collective, so every rank calls this; only rank 0 gets a model.
+    """
+    if not isinstance(trainer.strategy.model, FullyShardedDataParallel):
+        return pl_module.model
+    state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return None
+    model = build_model(pl_module.config)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return model.to(trainer.strategy.root_device)
+
+
+class SampleText(Callback):
+    """At each validation, sample a continuation of a fixed prompt into TensorBoard's Text tab.
+
+    The sampling seed is fixed, so differences between steps come from the model alone.
+    """
+
+    def __init__(
+        self,
+        prompt: str,
+        max_new_tokens: int = 60,
+        temperature: float = 1.0,
+        top_k: int | None = 40,
+        seed: int = 0,
+    ) -> None:
+        check_sampling(temperature, top_k, None)
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not tensorboard_loggers(trainer):
+            return
+        model = inference_model(trainer, pl_module)
+        if model is None:
+            return
+        text = self.sample(model, pl_module)
+        for logger in tensorboard_loggers(trainer):
+            logger.experiment.add_text("sample", text, global_step=trainer.global_step)
+
+    def sample(self, model: torch.nn.Module, pl_module: L.LightningModule) -> str:
+        """Markdown: the settings, then prompt and continuation as an indented (verbatim) block."""
+        tokenizer = pl_module.tokenizer
+        prompt = encode_prompt(tokenizer, self.prompt)
+        device = next(model.parameters()).device
+        tokens = generate(
+            model,
+            torch.tensor([prompt], device=device),
+            self.max_new_tokens,
+            context_length=pl_module.config.context_length,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            generator=torch.Generator(device=device).manual_seed(self.seed),
+        )
+        continuation = tokenizer.decode(tokens[0, len(prompt) :].tolist())
+        verbatim = "\n".join("    " + line for line in (self.prompt + continuation).splitlines())
+        return (
+            f"Prompt {self.prompt!r}, temperature {self.temperature}, top-k {self.top_k}, "
+            f"seed {self.seed}:\n\n{verbatim}"
+        )
+
+
+class HParamsSummary(Callback):
+    """Fills TensorBoard's HParams tab: the run's key settings, parameter count and val metrics.
+
+    Logged once, at the first validation (step 0 for a fresh run, the untrained model), with
+    real metric values, so `hp_metric = -1` never appears. The tab then shows the latest value
+    of each metric's scalar curve. It also lays out a Custom Scalars chart of train and val
+    loss together, which reads right even where smoothing bends a curve of few val points.
+    """
+
+    def __init__(
+        self, config: dict[str, Any], metrics: Sequence[str] = ("val/loss", "val/ppl")
+    ) -> None:
+        self.config = config
+        self.metrics = list(metrics)
+        self.logged = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.logged:
+            return
+        available = trainer.callback_metrics
+        metrics = {name: float(available[name]) for name in self.metrics if name in available}
+        params = {**self.config, "n_parameters": count_parameters(pl_module.model)}
+        params = {**flat_hparams(params), **swept_hparams()}
+        self.logged = True
+        if not trainer.is_global_zero or not metrics:
+            return  # other ranks' loggers are dummies
+        # The tab reads each metric's values from its scalar curve, so the summaries name the
+        # metrics without logging them again, as Lightning's log_hyperparams(metrics=) would:
+        # that gave val/loss a second point at step 0.
+        summaries = hparams(params, metrics)
+        for logger in tensorboard_loggers(trainer):
+            logger.log_hyperparams(params)  # for hparams.yaml; no scalars without metrics=
+            writer = logger.experiment
+            for summary in summaries:
+                writer.file_writer.add_summary(summary, trainer.global_step)
+            writer.add_custom_scalars(
+                {"loss": {"train and val": ["Multiline", ["train/loss", "val/loss"]]}}
+            )
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested settings as the HParams tab takes them: `model/emb_dim` keys, scalar values."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}/"))
+        else:
+            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
+    return flat

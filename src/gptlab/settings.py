@@ -1,0 +1,297 @@
+"""A training run's settings, typed and checked once, before any data is read.
+
+`RunSettings.from_cfg` turns Hydra's composed config into typed settings; a bad value stops
+the run here with one paragraph naming the key, the value and the fix. What travels on is
+typed, so nothing downstream checks a dict again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gptlab.checks import is_count, is_number
+from gptlab.errors import ConfigError
+from gptlab.model import GPTConfig
+from gptlab.module import COMPILE_MODES
+from gptlab.optim import OptimizerSettings
+from gptlab.tokenizers import TOKENIZER_NAMES
+
+log = logging.getLogger(__name__)
+
+MODEL_KEYS = {field.name for field in dataclasses.fields(GPTConfig)}
+# Keys of the `model` group that say how a run uses the model, not what the model is.
+RUN_MODEL_KEYS = {"tokenizer", "lr", "compile", "compile_mode"}
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+# Lightning's older spellings of the same precisions.
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+GPU_ACCELERATORS = ("gpu", "cuda")
+ACCELERATORS = ("auto", "cpu", *GPU_ACCELERATORS, "mps", "tpu")
+# trainer.val_check_interval=auto: every AUTO_VAL_INTERVAL steps, or a twentieth of a run longer
+# than twenty times that, so a long run gets 20 val points and a short one no validation-bound
+# slowdown (every run also validates at step 0 and at its end).
+AUTO_VAL_INTERVAL = 100
+VALIDATIONS_PER_LONG_RUN = 20
+# trainer.val_check_interval=auto for a run bounded by neither steps nor epochs.
+ENDLESS_VAL_INTERVAL = 1000
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def model_settings(model: Mapping[str, Any], vocab_size: int | None) -> dict[str, Any]:
+    """GPTConfig arguments from the `model` group; a null vocab_size follows the tokenizer."""
+    settings = {key: value for key, value in model.items() if key not in RUN_MODEL_KEYS}
+    unknown = sorted(set(settings) - MODEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"model.{unknown[0]} is not a model setting: use one of "
+            f"{', '.join(sorted(MODEL_KEYS | RUN_MODEL_KEYS))}."
+        )
+    if settings.get("vocab_size") is None:
+        settings["vocab_size"] = vocab_size
+    return settings
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str:
+    """`auto`: bf16 mixed precision where the GPU supports it, full fp32 elsewhere."""
+    name = str(precision)
+    if name == "auto":
+        on_gpu = accelerator in ("auto", *GPU_ACCELERATORS) and gpu_available()
+        return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    name = PRECISION_ALIASES.get(name, name)
+    if name not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is unknown: use auto (bf16-mixed on GPUs that "
+            f"support it, 32-true elsewhere) or one of {', '.join(PRECISIONS)}."
+        )
+    return name
+
+
+def check_accelerator(accelerator: Any) -> str:
+    """The accelerator named, refused up front when it is not on this machine."""
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} is unknown: use one of {', '.join(ACCELERATORS)}."
+        )
+    if accelerator in GPU_ACCELERATORS and not gpu_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no visible CUDA device"
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} needs a CUDA GPU, but torch "
+            f"{torch.__version__} sees none ({build}): use trainer=cpu or "
+            f"trainer.accelerator=auto, or run on a machine with a GPU."
+        )
+    return accelerator
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is unknown: use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name} needs a CUDA GPU, but torch {torch.__version__} sees none: use "
+            f"device=cpu or device=auto."
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+        )
+    return device
+
+
+def check_count(key: str, value: Any, minimum: int, hint: str = "") -> int:
+    if not is_count(value) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be a whole number >= {minimum}{hint}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+    """Lightning Trainer arguments with gptlab's meanings resolved.
+
+    `val_every` is in optimizer steps (an int) or a fraction of an epoch (a float), whatever
+    the gradient accumulation; `lightning_options` turns it into Lightning's micro-batches.
+    """
+
+    options: dict[str, Any]
+    val_every: int | float
+
+    @classmethod
+    def from_mapping(cls, trainer: Mapping[str, Any]) -> TrainerSettings:
+        options = dict(trainer)
+        max_steps = options.get("max_steps", -1)
+        if max_steps != -1:
+            check_count("trainer.max_steps", max_steps, 1, ", or -1 to let max_epochs end the run")
+        max_epochs = options.get("max_epochs")
+        if max_epochs not in (None, -1):
+            check_count("trainer.max_epochs", max_epochs, 1, ", or -1/null for no limit")
+        for key in ("log_every_n_steps", "accumulate_grad_batches"):
+            if key in options:
+                check_count(f"trainer.{key}", options[key], 1)
+        clip = options.get("gradient_clip_val")
+        if clip is not None and (not is_number(clip) or clip < 0):
+            raise ConfigError(
+                f"trainer.gradient_clip_val={clip!r} must be a number > 0 (GPT-2 clips at 1.0), "
+                f"or null for no clipping."
+            )
+        limit = options.get("limit_val_batches", 1.0)
+        if limit == 0:
+            raise ConfigError(
+                "trainer.limit_val_batches=0 turns validation off, but the best checkpoint, the "
+                "val curves and the sweep metric all need it: use e.g. "
+                "trainer.limit_val_batches=10."
+            )
+        if not ((is_count(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1)):
+            raise ConfigError(
+                f"trainer.limit_val_batches={limit!r} must be a number of batches (e.g. 10) or a "
+                f"fraction of the val split in (0, 1] (1.0: all of it)."
+            )
+        accelerator = check_accelerator(options.get("accelerator", "auto"))
+        options["precision"] = resolve_precision(options.get("precision", "auto"), accelerator)
+        endless = max_steps == -1 and max_epochs in (None, -1)
+        return cls(options, val_interval(options.get("val_check_interval"), max_steps, endless))
+
+    @property
+    def endless(self) -> bool:
+        """Neither max_steps nor max_epochs ends the run."""
+        return self.options.get("max_steps", -1) == -1 and self.options.get("max_epochs") in (
+            None,
+            -1,
+        )
+
+    @property
+    def clipping(self) -> bool:
+        return bool(self.options.get("gradient_clip_val"))
+
+    @property
+    def device_type(self) -> str:
+        """Where the run will train, as far as the settings say before the Trainer exists."""
+        accelerator = self.options.get("accelerator", "auto")
+        on_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and gpu_available())
+        return "cuda" if on_gpu else "cpu"
+
+    def lightning_options(self, accumulation: int | None = None) -> dict[str, Any]:
+        """Trainer arguments: validations every `val_every` optimizer steps of `accumulation`
+        micro-batches each (None: trainer.accumulate_grad_batches), since Lightning counts
+        `val_check_interval` in micro-batches."""
+        accumulation = accumulation or self.options.get("accumulate_grad_batches", 1)
+        interval = self.val_every
+        if isinstance(interval, int):
+            interval *= accumulation
+        return {
+            **self.options,
+            "accumulate_grad_batches": accumulation,
+            "val_check_interval": interval,
+        }
+
+
+def val_interval(interval: Any, max_steps: int, endless: bool) -> int | float:
+    """Optimizer steps between validations (or a fraction of an epoch); never refuses a short run.
+
+    `auto` (or null): every 100 steps, or a twentieth of a run longer than 2,000; once an
+    epoch when epochs bound the run. A count longer than the run is cut to the run, which
+    still validates at its end.
+    """
+    if interval in ("auto", None):
+        if max_steps > 0:
+            return min(max_steps, max(AUTO_VAL_INTERVAL, max_steps // VALIDATIONS_PER_LONG_RUN))
+        return ENDLESS_VAL_INTERVAL if endless else 1.0
+    if is_count(interval):
+        if interval < 1:
+            raise ConfigError(
+                f"trainer.val_check_interval={interval} must be at least 1 optimizer step, a "
+                f"fraction of an epoch in (0, 1], or auto."
+            )
+        if 0 < max_steps < interval:
+            log.info(
+                "trainer.val_check_interval=%d is longer than the run: validating at step %d.",
+                interval,
+                max_steps,
+            )
+            return max_steps
+        return interval
+    if isinstance(interval, float) and 0 < interval <= 1:
+        return interval
+    raise ConfigError(
+        f"trainer.val_check_interval={interval!r} must be a whole number of optimizer steps "
+        f"(e.g. 250), a fraction of an epoch in (0, 1] (1.0: once an epoch), or auto."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What `train.run` needs from the config, each part typed and checked."""
+
+    model: dict[str, Any]
+    tokenizer: str
+    compile: bool
+    compile_mode: str
+    optimizer: OptimizerSettings
+    trainer: TrainerSettings
+    seed: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> RunSettings:
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        tokenizer = model.get("tokenizer")
+        if tokenizer not in TOKENIZER_NAMES:
+            raise ConfigError(
+                f"model.tokenizer={tokenizer!r} is unknown: use one of "
+                f"{', '.join(TOKENIZER_NAMES)}."
+            )
+        compile_mode = model.get("compile_mode", "default")
+        if compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"model.compile_mode={compile_mode!r} is unknown: use one of "
+                f"{', '.join(COMPILE_MODES)}."
+            )
+        compile = model.get("compile", False)
+        if not isinstance(compile, bool):
+            raise ConfigError(f"model.compile={compile!r} must be true or false.")
+        fields = model_settings(model, vocab_size=None)
+        # The vocabulary may follow the tokenizer; the other fields are checked already.
+        GPTConfig(**{**fields, "vocab_size": fields["vocab_size"] or 1})
+        optimizer = OptimizerSettings.from_mapping(
+            OmegaConf.to_container(cfg.optimizer, resolve=True),
+            tokens_per_step=cfg.get("tokens_per_step"),
+        )
+        trainer = TrainerSettings.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
+        optimizer.use_fused(trainer.device_type, trainer.options["precision"], trainer.clipping)
+        if optimizer.tokens_per_step and trainer.options.get("accumulate_grad_batches", 1) != 1:
+            raise ConfigError(
+                "Set either tokens_per_step or trainer.accumulate_grad_batches, not both: "
+                "tokens_per_step derives the accumulation."
+            )
+        optimizer.schedule_length(math.inf if trainer.endless else 1)
+        max_steps = trainer.options.get("max_steps", -1)
+        if 0 < max_steps < optimizer.warmup_steps:
+            log.warning(
+                "optimizer.warmup_steps=%d is more than trainer.max_steps=%d: the learning rate "
+                "never reaches optimizer.lr.",
+                optimizer.warmup_steps,
+                max_steps,
+            )
+        seed = cfg.get("seed")
+        if not is_count(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ConfigError(
+                f"seed={seed!r} must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}."
+            )
+        return cls(fields, tokenizer, compile, compile_mode, optimizer, trainer, seed)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The model, its vocabulary taken from the tokenizer unless the config fixes it."""
+        return GPTConfig(**{**self.model, "vocab_size": self.model["vocab_size"] or vocab_size})

@@ -1,0 +1,22 @@
+"""Where a Trainer is in its run, counted in optimizer steps (not micro-batches)."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+def optimizer_stepped(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch that just ended completed an optimizer step (the last one accumulated)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (
+        batch_idx + 1 == trainer.num_training_batches
+    )
+
+
+def is_final_step(trainer: L.Trainer) -> bool:
+    """Whether the optimizer step just taken is the run's last (by max_steps or max_epochs)."""
+    if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= (
+        trainer.max_epochs
+    )
+    return last_epoch and trainer.is_last_batch
