@@ -14,6 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from gptlab.data import GPTDataModule
+from gptlab.runs import register_resolvers
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -27,6 +30,9 @@ if TIKTOKEN_CACHE.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 if SHARED_DATA.is_dir():
     os.environ.setdefault("GPTLAB_DATA_DIR", str(SHARED_DATA))
+
+# As gptlab's commands do before Hydra composes a config.
+register_resolvers()
 
 needs_tiktoken = pytest.mark.skipif(
     not TIKTOKEN_CACHE.is_dir(),
@@ -55,9 +61,15 @@ def compose_train_config(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     GlobalHydra.instance().clear()
 
 
-def script_env() -> dict[str, str]:
-    """The environment for running scripts/*: this checkout's gptlab, short error messages."""
+def script_env(changes: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The environment for running scripts/*: this checkout's gptlab, short error messages,
+    and `changes` (None unsets a variable)."""
     env = dict(os.environ)
+    for key, value in (changes or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(REPO_ROOT / "src"), env.get("PYTHONPATH")])
     )
@@ -66,13 +78,17 @@ def script_env() -> dict[str, str]:
 
 
 def run_script(
-    script: str, *args: str, cwd: Path | None = None, timeout: float = 300
+    script: str,
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    env: dict[str, str | None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run scripts/<script> in a fresh interpreter, importing this checkout's gptlab."""
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / script), *args],
         cwd=cwd or REPO_ROOT,
-        env=script_env(),
+        env=script_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -103,3 +119,17 @@ def cpu_trainer(tmp_path: Path, **options) -> L.Trainer:
         default_root_dir=tmp_path,
         **options,
     )
+
+
+def make_datamodule(tokenizer: str = "gpt2", context_length: int = 256, **data) -> GPTDataModule:
+    """A data module from `data` group keys, connected to a model's tokenizer and context."""
+    return GPTDataModule.from_config({"source": "pydocs", **data}).connect(
+        tokenizer, context_length
+    )
+
+
+def job_dir(sweep_dir: Path, number: int | str) -> Path:
+    """A sweep job's directory, `<number>-<what it varies>`, by its number."""
+    found = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("-")[0] == str(number)]
+    assert len(found) == 1, f"job {number} in {sweep_dir}: {found}"
+    return found[0]

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT, TIKTOKEN_CACHE, TINY_RUN, run_script
-from gptlab.data import check_utf8
+from gptlab.corpus import check_utf8
 from gptlab.errors import ConfigError
 
 EXIT_CONFIG_ERROR = 2
@@ -41,6 +42,8 @@ class Case:
     needs: Path | None = None  # skipped when this path is missing
     resumes_earlier_run: bool = False
     prepare: Callable[[Path], object] | None = None  # applied to the earlier run's copy
+    env: dict[str, str | None] | None = None  # changes to the environment (None: unset)
+    without_gpu: bool = False  # a case about having no GPU, skipped where there is one
 
 
 def text_file(case_dir: Path, name: str, content: bytes) -> str:
@@ -73,7 +76,7 @@ CASES: dict[str, Case] = {
     "04-batch_size-0": Case(
         lambda d, e: ["data.batch_size=0"],
         EXIT_CONFIG_ERROR,
-        lambda d, e: ["data.batch_size=0", "use 1 or more"],
+        lambda d, e: ["data.batch_size=0", "whole number >= 1"],
     ),
     "05-train_ratio-outside-0-1": Case(
         lambda d, e: ["data.train_ratio=1.5"],
@@ -83,7 +86,7 @@ CASES: dict[str, Case] = {
     "06-stride-0": Case(
         lambda d, e: ["data.stride=0"],
         EXIT_CONFIG_ERROR,
-        lambda d, e: ["data.stride=0", "use 1 or more"],
+        lambda d, e: ["data.stride=0", "whole number >= 1"],
     ),
     "07-missing-data-file": Case(
         lambda d, e: ["data=text_files", f"data.path={d / 'missing.txt'}"],
@@ -160,8 +163,115 @@ CASES: dict[str, Case] = {
         script="evaluate.py",
         needs=REPO_ROOT / "scripts" / "evaluate.py",
     ),
+    "17-batch_size-not-a-number": Case(
+        lambda d, e: ["data.batch_size=abc"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["data.batch_size='abc'", "whole number"],
+    ),
+    "18-max_steps-not-a-number": Case(
+        lambda d, e: ["trainer.max_steps=abc"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["trainer.max_steps='abc'", "whole number"],
+    ),
+    "19-seed-negative": Case(
+        lambda d, e: ["seed=-1"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["seed=-1", "from 0 to"],
+    ),
+    "20-precision-unknown": Case(
+        lambda d, e: ["trainer.precision=foo"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["trainer.precision='foo'", "bf16-mixed"],
+    ),
+    "21-gpu-accelerator-without-a-gpu": Case(
+        lambda d, e: ["trainer.accelerator=gpu"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["trainer.accelerator=gpu", "needs a CUDA GPU", "trainer=cpu"],
+        without_gpu=True,
+    ),
+    "22-val_check_interval-0": Case(
+        lambda d, e: ["trainer.val_check_interval=0"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["trainer.val_check_interval=0", "at least 1"],
+    ),
+    "23-val_check_interval-float-over-1": Case(
+        lambda d, e: ["trainer.val_check_interval=2.0"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["trainer.val_check_interval=2.0", "fraction of an epoch"],
+    ),
+    "24-accumulate_grad_batches-0": Case(
+        lambda d, e: ["trainer.accumulate_grad_batches=0"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["trainer.accumulate_grad_batches=0", "whole number >= 1"],
+    ),
+    "25-generate-on-cuda-without-a-gpu": Case(
+        lambda d, e: [f"ckpt={e / 'checkpoints' / 'last.ckpt'}", "device=cuda"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["device=cuda", "needs a CUDA GPU", "device=cpu"],
+        script="generate.py",
+        without_gpu=True,
+    ),
+    "26-log_dir-under-a-file": Case(
+        lambda d, e: [f"paths.log_dir={text_file(d, 'a-file', b'x')}/runs"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: [f"paths.log_dir='{d / 'a-file' / 'runs'}'", "is a file"],
+    ),
+    "27-hf-dataset-offline": Case(
+        lambda d, e: ["data=hf", "data.name=karpathy/tiny_shakespeare"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["karpathy/tiny_shakespeare", "cannot be reached", "data=text_files"],
+        # A hub that refuses connections at once, and none of the offline switches.
+        env={
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+            "HF_HUB_OFFLINE": None,
+            "HF_DATASETS_OFFLINE": None,
+        },
+    ),
+    "28-gpt2-tokenizer-files-not-cached": Case(
+        lambda d, e: ["model=gpt124m"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["vocab.bpe", "TIKTOKEN_CACHE_DIR"],
+        # An empty cache, and downloads refused at once (tiktoken sets no timeout of its own).
+        env={"TIKTOKEN_CACHE_DIR": "{case}/empty-cache", "HTTPS_PROXY": "http://127.0.0.1:9"},
+        prepare=lambda e: (e.parents[2] / "empty-cache").mkdir(),
+    ),
+    "29-prompt-outside-a-char-vocabulary": Case(
+        lambda d, e: [
+            "data=text_files",
+            f"data.path={text_file(d, 'lower.txt', b'every effort moves you along. ' * 100)}",
+        ],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["prompt='Every effort moves you'", "'E'", "prompt='every effort moves you'"],
+    ),
+    "30-gradient_clip_val-negative": Case(
+        lambda d, e: ["trainer.gradient_clip_val=-1"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["trainer.gradient_clip_val=-1", "null for no clipping"],
+    ),
+    "31-tokens_per_step-0": Case(
+        lambda d, e: ["tokens_per_step=0"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: ["tokens_per_step=0", "or null"],
+    ),
+    "32-resume-a-run-that-is-still-training": Case(
+        lambda d, e: [f"resume={e}"],
+        EXIT_CONFIG_ERROR,
+        lambda d, e: [str(e), "is in use by", "start a new run"],
+        resumes_earlier_run=True,
+        prepare=lambda e: hold_lock(e),
+    ),
 }
-# Case 17 (an invalid value in one sweep trial) is tested with the sweeps.
+# Case 17 of the first matrix (an invalid value in one sweep trial) is tested with the sweeps.
+HELD_LOCKS: list[object] = []
+
+
+def hold_lock(run_dir: Path) -> None:
+    """Hold the run directory's lock, as a run still training would (until the tests end)."""
+    import fcntl
+
+    lock = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open on purpose
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    HELD_LOCKS.append(lock)
 
 
 def file_states(root: Path) -> dict[str, tuple[int, str]]:
@@ -212,21 +322,30 @@ def outcomes(
         shutil.copytree(earlier_run, earlier)
         args = case.args(case_dir, earlier)
         if case.script == "train.py":
-            args = [*QUICK_RUN, *args, f"paths.log_dir={case_dir / 'outputs'}"]
+            args = [*QUICK_RUN, f"paths.log_dir={case_dir / 'outputs'}", *args]
         if case.prepare is not None:
             case.prepare(earlier)
         before = file_states(earlier)
-        result = run_script(case.script, *args, cwd=case_dir, timeout=600)
+        env = {
+            k: v.replace("{case}", str(case_dir)) if v else v for k, v in (case.env or {}).items()
+        }
+        result = run_script(case.script, *args, cwd=case_dir, timeout=600, env=env)
         return Outcome(result, case_dir, earlier, before)
 
     root = tmp_path_factory.mktemp("cases")
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {}
         for name, case in CASES.items():
-            if case.needs is None or case.needs.exists():
+            if runnable(case):
                 (root / name).mkdir()
                 futures[name] = pool.submit(run_case, case, root / name)
         yield futures
+
+
+def runnable(case: Case) -> bool:
+    if case.without_gpu and torch.cuda.is_available():
+        return False
+    return case.needs is None or case.needs.exists()
 
 
 def case_params() -> list:
@@ -234,8 +353,10 @@ def case_params() -> list:
         pytest.param(
             name,
             marks=pytest.mark.skipif(
-                case.needs is not None and not case.needs.exists(),
-                reason=f"{case.needs} does not exist (yet)",
+                not runnable(case),
+                reason="this machine has a GPU"
+                if case.without_gpu
+                else f"{case.needs} does not exist (yet)",
             ),
         )
         for name, case in CASES.items()
@@ -256,12 +377,18 @@ def test_bad_input_fails_with_a_clear_message(
         assert word.lower() in result.stderr.lower(), f"{word!r} not in: {result.stderr[-2000:]}"
     assert "Traceback" not in output
     after = file_states(earlier)
-    changed = [path for path, state in outcome.before.items() if after.get(path) != state]
+    # The lock file names the process that last held the directory: a resume attempt holds it.
+    changed = [
+        path
+        for path, state in outcome.before.items()
+        if after.get(path) != state and not (case.resumes_earlier_run and path == ".lock")
+    ]
     assert not changed, f"the earlier run's files changed: {changed}"
     added = sorted(set(after) - set(outcome.before))
     if case.resumes_earlier_run:
-        # A resume records its own config next to the run's first one, never over it.
-        added = [path for path in added if not path.startswith(".hydra/resume-")]
+        # A resume records its own config next to the run's first one, never over it, and
+        # takes the run directory's lock.
+        added = [p for p in added if not p.startswith(".hydra/resume-") and p != ".lock"]
     assert not added, f"files were added to the earlier run: {added}"
 
 

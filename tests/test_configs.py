@@ -10,13 +10,15 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF_DIR, needs_shared_data, needs_tiktoken, run_script
-from gptlab.data import SOURCES
+from gptlab.checkpoints import SavedRun
+from gptlab.corpus import SOURCES, CorpusSpec
+from gptlab.data import LoaderSettings
 from gptlab.errors import ConfigError
-from gptlab.resume import check_checkpoint_tokenizer
+from gptlab.settings import resolve_precision
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import resolve_precision, validate
+from gptlab.train import validate
 
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith("_"))
 DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if not p.stem.startswith("_"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -28,11 +30,11 @@ def test_model_configs_validate(compose_train_config, model: str) -> None:
 
 
 @pytest.mark.parametrize("data", DATA)
-def test_data_configs_compose_with_the_model_context(compose_train_config, data: str) -> None:
-    cfg = compose_train_config(f"data={data}", "model.context_length=48")
-    assert cfg.data.context_length == 48
-    assert cfg.data.tokenizer == cfg.model.tokenizer
+def test_data_configs_hold_corpus_and_loader_keys_only(compose_train_config, data: str) -> None:
+    cfg = compose_train_config(f"data={data}")
     assert cfg.data.source in SOURCES
+    # The tokenizer and the context length are the model's, given at connect().
+    assert set(cfg.data) <= set(CorpusSpec.key_names()) | set(LoaderSettings.key_names())
 
 
 @needs_tiktoken
@@ -44,10 +46,10 @@ def test_experiments_validate(compose_train_config, experiment: str) -> None:
 def test_default_callbacks_and_logger_instantiate(compose_train_config, tmp_path: Path) -> None:
     cfg = compose_train_config()
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
-    assert callbacks["model_checkpoint"].monitor == "val/loss"
-    assert callbacks["model_checkpoint"].save_last
+    assert callbacks["checkpoint"].monitor == "val/loss"
+    assert callbacks["checkpoint"].save_last
     logger = instantiate(cfg.logger.tensorboard)
-    assert Path(logger.log_dir) == tmp_path / "tensorboard"
+    assert Path(logger.log_dir) == tmp_path, "events in the run directory, named after it"
 
 
 def test_auto_precision_is_full_fp32_without_a_gpu() -> None:
@@ -85,7 +87,9 @@ def test_gpt124m_trains_a_step_through_the_script(tmp_path: Path) -> None:
     ("overrides", "words"),
     [
         (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0"),
-        (["trainer.max_steps=100"], "trainer.val_check_interval=250 is more than"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0 must be a whole number >= 1"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
+        (["trainer.val_check_interval=2.0"], "trainer.val_check_interval=2.0"),
         (
             ["optimizer.schedule=cosine", "trainer.max_steps=-1", "trainer.max_epochs=-1"],
             "needs a finite run",
@@ -106,6 +110,20 @@ def test_resume_refuses_a_char_vocabulary_from_other_data(tmp_path: Path) -> Non
     checkpoint = tmp_path / "last.ckpt"
     saved = {"model": {"vocab_size": 3}, "tokenizer": CharTokenizer("abc").to_dict()}
     torch.save({"hyper_parameters": saved}, checkpoint)
-    check_checkpoint_tokenizer(str(checkpoint), CharTokenizer("abc"))
+    SavedRun.read(checkpoint).check_tokenizer(CharTokenizer("abc"))
     with pytest.raises(ConfigError, match="3 tokens built from its corpus"):
-        check_checkpoint_tokenizer(str(checkpoint), CharTokenizer("abd"))
+        SavedRun.read(checkpoint).check_tokenizer(CharTokenizer("abd"))
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "interval", "every"),
+    [(150, "auto", 100), (20, "auto", 20), (5000, "auto", 250), (150, 250, 150), (300, 7, 7)],
+)
+def test_short_runs_are_never_refused_for_their_validation_interval(
+    compose_train_config, max_steps: int, interval: str | int, every: int
+) -> None:
+    cfg = compose_train_config(
+        "model=tiny", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={interval}"
+    )
+    settings, _ = validate(cfg)
+    assert settings.trainer.val_every == every

@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
@@ -31,9 +31,9 @@ def test_run_writes_checkpoints_and_tensorboard(tiny_run: tuple[Path, str]) -> N
     run_dir, _ = tiny_run
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir).glob("events.out.tfevents.*"))
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr"):
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "train/lr"):
         assert scalars(run_dir, tag), f"no {tag} scalars logged"
 
 
@@ -67,3 +67,78 @@ def test_checkpoint_alone_rebuilds_model_and_tokenizer(tiny_run: tuple[Path, str
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, state[name]), name
+
+
+def val_steps(run_dir: Path) -> list[int]:
+    return [step for step, _ in scalars(run_dir, "val/loss")]
+
+
+def test_validation_interval_counts_optimizer_steps_under_accumulation(tmp_path: Path) -> None:
+    # 512 tokens a step = 2 micro-batches of 8 windows x 32 tokens.
+    result = run_script(
+        "train.py",
+        *TINY_RUN,
+        "tokens_per_step=512",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Lightning counts val_check_interval in micro-batches: untranslated, it would validate at
+    # every optimizer step.
+    assert val_steps(tmp_path) == [0, 2, 4, 6]
+    assert scalars(tmp_path, "train/tokens_seen")[-1] == (6, 6 * 512)
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "interval", "validated"),
+    [(7, 5, [0, 5, 7]), (3, 250, [0, 3]), (12, "auto", [0, 12])],
+)
+def test_any_run_length_ends_with_a_validation(
+    tmp_path: Path, max_steps: int, interval: int | str, validated: list[int]
+) -> None:
+    result = run_script(
+        "train.py",
+        *TINY_RUN,
+        f"trainer.max_steps={max_steps}",
+        f"trainer.val_check_interval={interval}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert val_steps(tmp_path) == validated
+    best = next((tmp_path / "checkpoints").glob("best-*.ckpt")).name
+    final = scalars(tmp_path, "val/loss")[-1][1]
+    assert (
+        f"val_loss{final:.4f}" in best or min(v for _, v in scalars(tmp_path, "val/loss")) < final
+    )
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        == max_steps
+    )
+
+
+def test_legal_but_surely_mistaken_settings_get_a_one_line_warning(tmp_path: Path) -> None:
+    result = run_script(
+        "train.py",
+        *TINY_RUN,
+        "data.stride=64",  # twice the context: half of the corpus is never trained on
+        "optimizer.warmup_steps=50",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={tmp_path / 'first'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    warnings = [line for line in output.splitlines() if "WARNING" in line]
+    assert any("data.stride=64 is longer than model.context_length=32: 50%" in w for w in warnings)
+    assert any("optimizer.warmup_steps=50 is more than trainer.max_steps=2" in w for w in warnings)
+    resumed = run_script(
+        "train.py",
+        *TINY_RUN,
+        "data.batch_size=4",
+        "trainer.max_steps=3",
+        f"resume={tmp_path / 'first'}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming with data.batch_size=4 where the checkpoint trained with 8" in (
+        resumed.stdout + resumed.stderr
+    )

@@ -1,256 +1,52 @@
-"""Trainer callbacks and the small functions their configs point at."""
+"""Trainer callbacks that keep a run safe: exact resume, nan stops, signals, a final validation."""
 
 from __future__ import annotations
 
 import logging
 import random
 import signal
+import subprocess
 import threading
-import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 
-# The dtype Lightning's own ThroughputMonitor uses to look up the device's peak.
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
-from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.tensorboard.summary import hparams
-
-from gptlab.errors import NonFiniteLossError, TrainingInterrupted
-from gptlab.generation import check_sampling, encode_prompt, generate
-from gptlab.model import count_parameters
-from gptlab.module import writes_step_metrics
+from gptlab.checkpoints import RunCheckpoint, last_checkpoint, saved_step
+from gptlab.errors import NonFiniteLossError, TrainingAborted, TrainingInterrupted
+from gptlab.runs import slurm_job_id
+from gptlab.steps import is_final_step, optimizer_stepped
 
 log = logging.getLogger(__name__)
 
-
-def windows_in_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    """Samples in a batch, for ThroughputMonitor's `batch_size_fn`."""
-    return batch[0].shape[0]
-
-
-def tokens_in_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    """Input tokens in a batch, for ThroughputMonitor's `length_fn`: items/s are tokens/s."""
-    return batch[0].numel()
+# Signals that stop a run cleanly, and how a message names them. SIGUSR1 is what SLURM's
+# `--signal=USR1@90` sends ahead of the time limit.
+STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}
+# Lightning's precision whose GradScaler drives fused AdamW's skip input itself.
+SCALED_PRECISION = "16-mixed"
 
 
-def tensorboard_loggers(trainer: L.Trainer) -> list[TensorBoardLogger]:
-    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+def checkpoint_callback(trainer: L.Trainer) -> RunCheckpoint | None:
+    checkpoint = trainer.checkpoint_callback
+    return checkpoint if isinstance(checkpoint, RunCheckpoint) else None
 
 
-def optimizer_stepped(trainer: L.Trainer, batch_idx: int) -> bool:
-    """Whether the batch that just ended completed an optimizer step (the last one accumulated)."""
-    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (
-        batch_idx + 1 == trainer.num_training_batches
-    )
+def last_checkpoint_path(trainer: L.Trainer):
+    """Where this run keeps `last.ckpt` (the run directory's checkpoints folder without one)."""
+    checkpoint = checkpoint_callback(trainer)
+    return checkpoint.last_path if checkpoint else last_checkpoint(trainer.default_root_dir)
 
 
-class TrainingCurves(Callback):
-    """Counts training tokens, logs them as `train/tokens_seen`, and plots `loss.png` at the end.
-
-    Keeps the train loss of every logged step and the val loss of every validation against
-    tokens seen and optimizer steps; checkpoints carry them, so a resumed run plots its whole
-    history.
-    """
-
-    def __init__(self, plot_path: str | None = None) -> None:
-        self.plot_path = plot_path
-        self.tokens_seen = 0
-        # (tokens seen, optimizer step, loss) triples.
-        self.train_losses: list[tuple[int, int, float]] = []
-        self.val_losses: list[tuple[int, int, float]] = []
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: tuple[torch.Tensor, torch.Tensor],
-        batch_idx: int,
-    ) -> None:
-        self.tokens_seen += tokens_in_batch(batch) * trainer.world_size
-        # On the steps the loggers write, as train/loss, once the step is taken (not at each
-        # accumulated batch): reading the loss on the others would also make the CPU wait for
-        # the GPU.
-        if not (optimizer_stepped(trainer, batch_idx) and writes_step_metrics(trainer)):
-            return
-        pl_module.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.train_losses.append((self.tokens_seen, trainer.global_step, float(loss)))
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("val/loss")
-        if not trainer.sanity_checking and loss is not None:
-            self.val_losses.append((self.tokens_seen, trainer.global_step, float(loss)))
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.plot(trainer)
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self.plot(trainer)
-
-    def plot(self, trainer: L.Trainer) -> None:
-        if self.plot_path and trainer.is_global_zero and (self.train_losses or self.val_losses):
-            plot_losses(self.train_losses, self.val_losses, Path(self.plot_path))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "tokens_seen": self.tokens_seen,
-            "train_losses": self.train_losses,
-            "val_losses": self.val_losses,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tokens_seen = state_dict["tokens_seen"]
-        self.train_losses = [tuple(x) for x in state_dict["train_losses"]]
-        self.val_losses = [tuple(x) for x in state_dict["val_losses"]]
-
-
-def plot_losses(
-    train_losses: Sequence[tuple[int, int, float]],
-    val_losses: Sequence[tuple[int, int, float]],
-    path: Path,
-) -> None:
-    """Train and val loss against tokens seen, steps on the top axis: the book's plot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for points, label, style in (
-        (train_losses, "Training loss", {"linestyle": "-"}),
-        (val_losses, "Validation loss", {"linestyle": "-.", "marker": "o"}),
-    ):
-        if points:
-            tokens, _, losses = zip(*points, strict=True)
-            ax.plot(tokens, losses, label=label, **style)
-    ax.set_xlabel("Tokens seen")
-    ax.set_ylabel("Loss")
-    ax.legend(loc="upper right")
-    # Steps as a function of tokens seen, read off the recorded pairs (exact even when the
-    # tokens per step changed on resume).
-    pairs = sorted({(0, 0), *((t, s) for t, s, _ in (*train_losses, *val_losses))})
-    tokens, steps = (np.array(x, dtype=float) for x in zip(*pairs, strict=True))
-    if tokens[-1] > 0:
-        top = ax.secondary_xaxis(
-            "top",
-            functions=(
-                lambda t: np.interp(t, tokens, steps),
-                lambda s: np.interp(s, steps, tokens),
-            ),
-        )
-        top.set_xlabel("Steps")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-
-
-class SampleText(Callback):
-    """At each validation, sample a continuation of a fixed prompt into TensorBoard's Text tab.
-
-    The sampling seed is fixed, so differences between steps come from the model alone.
-    """
-
-    def __init__(
-        self,
-        prompt: str,
-        max_new_tokens: int = 60,
-        temperature: float = 1.0,
-        top_k: int | None = 40,
-        seed: int = 0,
-    ) -> None:
-        check_sampling(temperature, top_k, None)
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loggers = tensorboard_loggers(trainer)
-        if trainer.sanity_checking or not trainer.is_global_zero or not loggers:
-            return
-        text = self.sample(pl_module)
-        for logger in loggers:
-            logger.experiment.add_text("sample", text, global_step=trainer.global_step)
-
-    def sample(self, pl_module: L.LightningModule) -> str:
-        """Markdown: the settings, then prompt and continuation as an indented (verbatim) block."""
-        tokenizer = pl_module.tokenizer
-        prompt = encode_prompt(tokenizer, self.prompt)
-        device = pl_module.device
-        tokens = generate(
-            pl_module.model,
-            torch.tensor([prompt], device=device),
-            self.max_new_tokens,
-            context_length=pl_module.config.context_length,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            generator=torch.Generator(device=device).manual_seed(self.seed),
-        )
-        continuation = tokenizer.decode(tokens[0, len(prompt) :].tolist())
-        verbatim = "\n".join("    " + line for line in (self.prompt + continuation).splitlines())
-        return (
-            f"Prompt {self.prompt!r}, temperature {self.temperature}, top-k {self.top_k}, "
-            f"seed {self.seed}:\n\n{verbatim}"
-        )
-
-
-class HParamsSummary(Callback):
-    """Fills TensorBoard's HParams tab: the run's settings, parameter count and val metrics.
-
-    Logged once, at the first validation (step 0 for a fresh run, the untrained model), with
-    real metric values, so `hp_metric = -1` never appears. The tab then shows the latest value
-    of each metric's scalar curve.
-    """
-
-    def __init__(
-        self, config: dict[str, Any], metrics: Sequence[str] = ("val/loss", "val/ppl")
-    ) -> None:
-        self.config = config
-        self.metrics = list(metrics)
-        self.logged = False
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.logged:
-            return
-        available = trainer.callback_metrics
-        metrics = {name: float(available[name]) for name in self.metrics if name in available}
-        params = {**self.config, "n_parameters": count_parameters(pl_module.model)}
-        self.logged = True
-        if not trainer.is_global_zero or not metrics:
-            return  # other ranks' loggers are dummies
-        # The tab reads each metric's values from its scalar curve, so the summaries name the
-        # metrics without logging them again, as Lightning's log_hyperparams(metrics=) would:
-        # that gave val/loss a second point at step 0.
-        summaries = hparams(flat_hparams(params), metrics)
-        for logger in tensorboard_loggers(trainer):
-            logger.log_hyperparams(params)  # for hparams.yaml; no scalars without metrics=
-            writer = logger.experiment._get_file_writer()  # as log_hyperparams reaches it
-            for summary in summaries:
-                writer.add_summary(summary, trainer.global_step)
-
-
-def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Nested settings as the HParams tab takes them: `model/emb_dim` keys, scalar values."""
-    flat: dict[str, bool | int | float | str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, f"{name}/"))
-        else:
-            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
-    return flat
+def save_last(trainer: L.Trainer):
+    """Write `last.ckpt` for the step just taken."""
+    checkpoint = checkpoint_callback(trainer)
+    if checkpoint is not None:
+        return checkpoint.save_last_now(trainer)
+    path = last_checkpoint_path(trainer)
+    trainer.save_checkpoint(path, weights_only=False)
+    return path
 
 
 class RandomStateCheckpoint(Callback):
@@ -280,82 +76,150 @@ class RandomStateCheckpoint(Callback):
         random.setstate(state_dict["python"])
 
 
-def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """Where ModelCheckpoint keeps `last.ckpt` (the run's checkpoints folder without one)."""
-    for checkpoint in trainer.checkpoint_callbacks:
-        if checkpoint.dirpath:
-            name = checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION
-            return Path(checkpoint.dirpath) / name
-    return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-
-
-def saved_step(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-
-
 class NonFiniteLossGuard(Callback):
-    """Stops training at the first nan/inf loss, before its gradients reach the weights.
+    """Stops training at a nan/inf loss; a checkpoint with non-finite weights is never written.
 
-    The check runs before backward, so the optimizer never steps on a non-finite loss; as a
-    second line, no checkpoint with non-finite weights is ever written, so the last good
-    `last.ckpt` survives.
+    `check=every_step` reads each loss before its backward, so the bad step never reaches the
+    weights; on a CPU that costs nothing, since there is no queue of work to stall.
+    `check=log_steps` keeps the verdict on the device and reads it on the steps the loggers
+    write and before every checkpoint, so a GPU never waits; a fused AdamW then skips a step
+    whose loss was not finite on the device itself, through the same `found_inf` input a
+    GradScaler uses. `auto`: every_step on CPUs, log_steps on accelerators.
     """
+
+    CHECKS = ("auto", "every_step", "log_steps")
+
+    def __init__(self, check: str = "auto") -> None:
+        if check not in self.CHECKS:
+            raise ValueError(f"check={check!r}: use one of {', '.join(self.CHECKS)}")
+        self.check = check
+        self.every_step = check == "every_step"
+        self._step_bad: torch.Tensor | None = None
+        self._bad_steps: torch.Tensor | None = None
+        self._first_bad: torch.Tensor | None = None
+        self._skips_on_device = False
+        self._checked_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        self.every_step = self.check == "every_step" or (
+            self.check == "auto" and device.type == "cpu"
+        )
+        self._bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self._checked_step = trainer.global_step
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        finite = bool(torch.isfinite(loss.detach()).item())
-        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+        bad = ~torch.isfinite(loss.detach())
+        if self.every_step:
+            if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+                self._stop(trainer, trainer.global_step + 1, 1, applied=False)
             return
+        self._step_bad = bad if self._step_bad is None else self._step_bad | bad
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.every_step or self._step_bad is None:
+            return
+        self._skips_on_device = bool(optimizer.defaults.get("fused")) and (
+            trainer.precision != SCALED_PRECISION
+        )
+        if self._skips_on_device:
+            optimizer.found_inf = self._step_bad.float()
+        self._bad_steps += self._step_bad
+        step = torch.tensor(trainer.global_step + 1, device=self._first_bad.device)
+        self._first_bad = torch.where((self._first_bad < 0) & self._step_bad, step, self._first_bad)
+        self._step_bad = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if self.every_step or not optimizer_stepped(trainer, batch_idx):
+            return
+        if trainer.global_step % trainer.log_every_n_steps == 0 or is_final_step(trainer):
+            self._check_flag(trainer)
+
+    def _check_flag(self, trainer: L.Trainer) -> None:
+        """Read the device's verdict on the steps since the last check (a host sync)."""
+        bad_steps = int(trainer.strategy.reduce(self._bad_steps, reduce_op="sum"))
+        if bad_steps:
+            first = int(self._first_bad)
+            self._stop(trainer, first, bad_steps, applied=not self._skips_on_device)
+        self._checked_step = trainer.global_step
+
+    def _stop(self, trainer: L.Trainer, step: int, bad_steps: int, applied: bool) -> None:
         last = last_checkpoint_path(trainer)
-        step = saved_step(last)
+        kept_step = saved_step(last)
         kept = (
-            f"The last good checkpoint, {last} (step {step}), is kept"
-            if step is not None
+            f"The last good checkpoint, {last} (step {kept_step}), is kept"
+            if kept_step is not None
             else "No checkpoint had been saved yet"
         )
+        if self.every_step:
+            what = "so that step was not applied"
+        elif applied:
+            what = (
+                f"found at step {trainer.global_step} with {bad_steps} such step(s) since step "
+                f"{self._checked_step}; they reached the weights (only a fused AdamW skips them)"
+            )
+        else:
+            what = (
+                f"found at step {trainer.global_step} with {bad_steps} such step(s) since step "
+                f"{self._checked_step}; fused AdamW skipped them, so the weights never took them"
+            )
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else "?"
         raise NonFiniteLossError(
-            f"Training stopped at step {trainer.global_step + 1}: the loss is {loss.item()} "
-            f"(not finite), so that step was not applied. {kept}. The learning rate was {lr}: "
-            f"start again with a lower optimizer.lr, more optimizer.warmup_steps, or a "
-            f"lower trainer.gradient_clip_val."
+            f"Training stopped at step {step}: the loss is nan or inf (not finite), {what}. "
+            f"{kept}. The learning rate was {lr}: start again with a lower optimizer.lr, more "
+            f"optimizer.warmup_steps, or a lower trainer.gradient_clip_val."
         )
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        for name, parameter in pl_module.named_parameters():
-            if not torch.isfinite(parameter).all():
-                raise NonFiniteLossError(
-                    f"Not saving a checkpoint at step {trainer.global_step}: parameter {name} "
-                    f"holds nan or inf, so the last good checkpoint is kept. Start again with a "
-                    f"lower optimizer.lr or trainer.gradient_clip_val."
-                )
+        if not self.every_step and self._bad_steps is not None:
+            self._check_flag(trainer)
+        finite = torch.stack([p.isfinite().all() for p in pl_module.parameters()]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"Not saving a checkpoint at step {trainer.global_step}: the weights hold nan or "
+                f"inf, so the last good checkpoint is kept. Start again with a lower "
+                f"optimizer.lr or trainer.gradient_clip_val."
+            )
 
 
 class GracefulInterrupt(Callback):
-    """Ctrl-C (SIGINT) ends the current step, saves `last.ckpt` and stops; a second one aborts.
+    """Ctrl-C, SIGTERM or SIGUSR1 finishes the optimizer step, saves `last.ckpt` and stops.
 
-    Stopping by exception, not `trainer.should_stop`, skips the validation Lightning would run
-    first. The check is reduced over ranks, so all of them stop at the same step.
+    SIGTERM is how clusters and spot instances stop a job; SIGUSR1 is SLURM's warning before
+    the time limit (`--signal=USR1@90`), after which the job is requeued with `scontrol
+    requeue` and continues in the same run directory. A second signal stops at once, without
+    saving. Stopping by exception, not `trainer.should_stop`, skips the validation Lightning
+    would run first. The decision is reduced over ranks, so all of them stop at the same step.
+    The save happens in `on_exception`, after the other callbacks (the training monitor first)
+    have recorded the step, so the checkpoint holds it.
     """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous_handler: Any = None
+        self.requested: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-            if trainer.is_global_zero:
-                log.info("Ctrl-C saves a checkpoint after the current step and stops training.")
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """From the start of fit: a signal while a checkpoint is restored stops at step one."""
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous_handler)
+        if self.requested is not None:
+            raise TrainingAborted(signum)
+        self.requested = signum
 
     def on_train_batch_end(
         self,
@@ -369,104 +233,59 @@ class GracefulInterrupt(Callback):
         # their batches as done, so stop only where an optimizer step has just been taken.
         if not optimizer_stepped(trainer, batch_idx):
             return
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            return
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path, weights_only=False)
-        raise TrainingInterrupted(
-            f"Interrupted: saved step {trainer.global_step} to {path}. Continue with "
-            f"`python scripts/train.py <same options> resume={path.parent.parent}`."
-        )
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_handler()
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            raise TrainingInterrupted(self.requested or signal.SIGTERM, trainer.global_step)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        self._restore_handler()
+        self._restore_handlers()
+        if not isinstance(exception, TrainingInterrupted) or isinstance(exception, TrainingAborted):
+            return
+        exception.checkpoint = save_last(trainer)
+        if exception.signum == getattr(signal, "SIGUSR1", None) and trainer.is_global_zero:
+            exception.requeued = requeue_slurm_job()
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
 
-class LastCheckpointAtEnd(Callback):
-    """Makes `last.ckpt` hold the final step when training ends.
+def requeue_slurm_job() -> str | None:
+    """Put this SLURM job back in the queue; its next start continues the run directory."""
+    job = slurm_job_id()
+    if job is None:
+        return None
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+        return None
+    return job
 
-    ModelCheckpoint writes it only every N steps and after a validation with a new best. So
-    without this, a finished run could leave an older `last.ckpt`, and resuming it would
-    repeat steps.
+
+class FinalValidation(Callback):
+    """Every run ends by validating its final weights, whatever `val_check_interval` is.
+
+    Lightning validates every `val_check_interval` steps only, so a 300-step run validating
+    every 250 would leave its last 50 steps unseen. `should_stop` on the final step makes
+    Lightning validate before it stops; its val loss is the run's last point, checkpoint and
+    summary.
     """
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = last_checkpoint_path(trainer)
-        stale = trainer.strategy.broadcast(saved_step(path) != trainer.global_step)
-        if stale:
-            trainer.save_checkpoint(path, weights_only=False)
+    def __init__(self) -> None:
+        self._validated_step: int | None = None
 
-
-class ThroughputSummary(Callback):
-    """Tokens/s and MFU over the whole run, printed and logged when training ends.
-
-    ThroughputMonitor logs a moving window; this is the one number per run a user compares.
-    Time runs from the end of one training batch to the end of the next, so data loading
-    counts, validation does not, and the first `warmup_batches` (compilation, allocator
-    warm-up) are left out. MFU divides by the peak of the device in use, as Lightning
-    knows it; it is left out where Lightning knows none (CPUs).
-    """
-
-    def __init__(self, warmup_batches: int = 2) -> None:
-        self.warmup_batches = warmup_batches
-        self.seconds = 0.0
-        self.batches = 0
-        self.tokens = 0
-        self._seen = 0
-        self._last: float | None = None
-
-    def _now(self, trainer: L.Trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
-        return time.perf_counter()
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        now = self._now(trainer)
-        self._seen += 1
-        if self._last is not None and self._seen > self.warmup_batches:
-            self.seconds += now - self._last
-            self.batches += 1
-            self.tokens += tokens_in_batch(batch)
-        self._last = now
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.batches:
-            return
-        tokens_per_s = self.tokens / self.seconds * trainer.world_size
-        metrics = {"throughput/run_tokens_per_sec": tokens_per_s}
-        message = (
-            f"Throughput: {tokens_per_s:,.0f} tokens/s, "
-            f"{1000 * self.seconds / self.batches:.1f} ms/batch on {trainer.world_size} "
-            f"x {trainer.strategy.root_device.type}"
-        )
-        flops_per_batch = getattr(pl_module, "flops_per_batch", None)
-        if flops_per_batch:
-            flops_per_s = flops_per_batch * self.batches / self.seconds
-            message += f", {flops_per_s / 1e12:.3f} TFLOP/s per device"
-            peak = get_available_flops(
-                trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin)
-            )
-            if peak:
-                metrics["throughput/run_mfu"] = flops_per_s / peak
-                message += f", MFU {flops_per_s / peak:.1%} of {peak / 1e12:.0f} TFLOP/s peak"
-            else:
-                message += ", MFU n/a (Lightning knows no peak FLOP/s for this device)"
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        if trainer.is_global_zero:
-            print(message)
+        final = optimizer_stepped(trainer, batch_idx) and is_final_step(trainer)
+        if final and self._validated_step != trainer.global_step:
+            trainer.should_stop = True

@@ -1,12 +1,22 @@
-"""Errors that mean "the user asked for something that cannot work", as opposed to bugs."""
+"""Errors that end a run with a message of their own, as opposed to bugs (which keep their stack).
+
+Scripts print these as one paragraph without a traceback and exit with `exit_code`, so each
+message must say what happened and what to do next.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+EXIT_CONFIG_ERROR = 2
+EXIT_STORAGE_ERROR = 1
 
 
 class ConfigError(ValueError):
-    """A bad setting or input, reported with the offending value and how to fix it.
+    """A bad setting or input, reported with the offending value and how to fix it."""
 
-    Scripts print these as one paragraph without a traceback, so the message itself
-    must name the key, the value and the fix.
-    """
+    exit_code = EXIT_CONFIG_ERROR
 
 
 class NonFiniteLossError(ConfigError):
@@ -14,5 +24,49 @@ class NonFiniteLossError(ConfigError):
     cause, so it is reported like a bad setting: one paragraph, no traceback."""
 
 
+class StorageError(Exception):
+    """A file the run must write could not be written (a full disk, a quota, a lost mount)."""
+
+    exit_code = EXIT_STORAGE_ERROR
+
+
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training after a checkpoint was saved; the message says how to resume."""
+    """A signal stopped training after an optimizer step, which `last.ckpt` then holds.
+
+    `checkpoint` and `requeued` are filled in once the checkpoint is written (and the SLURM
+    job requeued); `resume_hint` by the run, which knows its directory.
+    """
+
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        super().__init__(signum, step)
+        self.signum = signum
+        self.step = step
+        self.checkpoint: Path | None = None
+        self.requeued: str | None = None
+        self.resume_hint = ""
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by this signal: 128 + its number."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        message = f"Interrupted by {signal_name(self.signum)}: saved step {self.step} to "
+        message += f"{self.checkpoint}." if self.checkpoint else "no checkpoint."
+        if self.requeued:
+            message += f" Requeued SLURM job {self.requeued}; it continues this run when it starts."
+        return f"{message} {self.resume_hint}".strip()
+
+
+class TrainingAborted(TrainingInterrupted):
+    """A second signal: training stopped at once, without saving."""
+
+    def __str__(self) -> str:
+        return (
+            f"Aborted by a second {signal_name(self.signum)}, without saving: the run keeps its "
+            f"last checkpoint. {self.resume_hint}"
+        ).strip()

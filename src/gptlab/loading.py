@@ -6,19 +6,18 @@ missing, corrupt or mismatched file gives the same clear message everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from gptlab.checkpoints import CHECKPOINT_SUFFIX, check_weights_fit, find_last_checkpoint
 from gptlab.errors import ConfigError
 from gptlab.model import GPTConfig
 from gptlab.module import GPTLightningModule
 from gptlab.pretrained import gpt2_weights, load_gpt2, read_failure, resolve_weights
 from gptlab.tokenizers import GPT2Tokenizer, Tokenizer
-
-CHECKPOINT_SUFFIX = ".ckpt"
 
 
 @dataclass
@@ -29,17 +28,6 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: GPTConfig
     source: str
-
-
-def find_last_checkpoint(log_dir: str | Path) -> Path:
-    """The most recently written `last.ckpt` under `log_dir` (Hydra's `outputs/` by default)."""
-    candidates = list(Path(log_dir).glob("**/last.ckpt"))
-    if not candidates:
-        raise ConfigError(
-            f"ckpt=last found no last.ckpt under {Path(log_dir).resolve()}: train a model first "
-            f"(python scripts/train.py), or give ckpt=<path to a .ckpt>."
-        )
-    return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> GPTLightningModule:
@@ -90,17 +78,14 @@ def load_model(ckpt: str | None, pretrained: str | None, log_dir: str | Path) ->
         return LoadedModel(module.model, module.tokenizer, module.config, str(path))
     model = load_gpt2(pretrained)
     tokenizer = GPT2Tokenizer()
-    if model.cfg.vocab_size != tokenizer.vocab_size:
+    if model.config.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
-            f"pretrained={pretrained!r} has a {model.cfg.vocab_size}-token vocabulary, but the "
+            f"pretrained={pretrained!r} has a {model.config.vocab_size}-token vocabulary, but the "
             f"GPT-2 tokenizer has {tokenizer.vocab_size} tokens: give GPT-2 weights."
         )
-    return LoadedModel(model, tokenizer, model.cfg, pretrained)
+    return LoadedModel(model, tokenizer, model.config, pretrained)
 
 
-# Settings that change how weights are laid out or first drawn, not what they compute once
-# loaded: init_from adapts the weights to this run's choice of each.
-LAYOUT_ONLY_FIELDS = ("drop_rate", "context_length", "tie_weights", "pad_vocab_multiple", "init")
 VOCAB_ROWS = ("tok_emb.weight", "out_head.weight")
 
 
@@ -137,28 +122,20 @@ def load_initial_weights(module: GPTLightningModule, source: str) -> None:
             f"its token ids mean other things than this run's {module.tokenizer.name} tokens: "
             f"train with model.tokenizer={tokenizer['name']} and the same data."
         )
-    cfg = module.config
-    for field in fields(GPTConfig):
-        ours, theirs = getattr(cfg, field.name), getattr(weights_config, field.name)
-        if field.name in LAYOUT_ONLY_FIELDS or ours == theirs:
-            continue
+    config = module.config
+    check_weights_fit(config, weights_config, source)
+    if config.context_length > weights_config.context_length:
         raise ConfigError(
-            f"init_from={source!r} has {field.name}={theirs!r}, but model.{field.name}={ours!r}: "
-            f"set model.{field.name}={theirs!r} (for OpenAI's weights, pick the matching "
-            f"model=gpt2, gpt2-medium, gpt2-large or gpt2-xl)."
-        )
-    if cfg.context_length > weights_config.context_length:
-        raise ConfigError(
-            f"model.context_length={cfg.context_length} is longer than the "
+            f"model.context_length={config.context_length} is longer than the "
             f"{weights_config.context_length} positions of init_from={source!r}: set "
             f"model.context_length to {weights_config.context_length} or less."
         )
     if "pos_emb.weight" in state:
-        state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.context_length]
+        state["pos_emb.weight"] = state["pos_emb.weight"][: config.context_length]
     for name in VOCAB_ROWS:
         if name in state:
-            state[name] = with_vocab_rows(state[name], cfg.vocab_size, cfg.padded_vocab_size)
-    if cfg.tie_weights and not torch.equal(state["tok_emb.weight"], state["out_head.weight"]):
+            state[name] = with_vocab_rows(state[name], config.vocab_size, config.padded_vocab_size)
+    if config.tie_weights and not torch.equal(state["tok_emb.weight"], state["out_head.weight"]):
         raise ConfigError(
             f"init_from={source!r} has an output head separate from its token embedding, but "
             f"model.tie_weights=true would make them one: set model.tie_weights=false."

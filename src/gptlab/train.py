@@ -1,39 +1,39 @@
-"""One training run from a composed config: validate, load data, fit, report.
+"""One training run from a composed config: check, build the Trainer, load data, fit, report.
 
-Shared by `scripts/train.py` and the tests, so both exercise the same path.
+Shared by `gptlab-train` (`scripts/train.py`) and the tests, so both exercise the same path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.callbacks import TrainingCurves
+from gptlab.checkpoints import AtomicCheckpointIO, SavedRun, checkpoint_to_resume, saved_step
 from gptlab.data import GPTDataModule
-from gptlab.errors import ConfigError, TrainingInterrupted
+from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
 from gptlab.generation import check_sampling, encode_prompt, generate
-from gptlab.loading import find_initial_weights, load_initial_weights
-from gptlab.model import GPTConfig, count_parameters
-from gptlab.module import GPTLightningModule, check_optimizer, check_vocab_size
-from gptlab.resume import (
-    check_checkpoint_fits,
-    check_checkpoint_tokenizer,
-    checkpoint_to_resume,
-)
-from gptlab.sweep import RunRecord, error_line, write_run_record
-from gptlab.tokenizers import TOKENIZER_NAMES, GPT2Tokenizer
+from gptlab.loading import find_initial_weights, load_checkpoint, load_initial_weights
+from gptlab.model import count_parameters
+from gptlab.module import GPTLightningModule, check_vocab_size
+from gptlab.monitor import TrainingMonitor
+from gptlab.runs import owned, requeued_checkpoint
+from gptlab.settings import RunSettings
+from gptlab.sweep import RunRecord, error_line, status_of, write_run_record
+from gptlab.tokenizers import GPT2Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,120 +42,75 @@ OPTIMIZED_METRICS: dict[str, Callable[[RunRecord], float]] = {
     "val/loss": lambda record: record.best_val_loss,
     "val/ppl": lambda record: record.val_ppl,
 }
-record_run = rank_zero_only(write_run_record)
-MODEL_KEYS = {field.name for field in dataclasses.fields(GPTConfig)}
-RUN_MODEL_KEYS = {"tokenizer", "compile"}
+# OSError numbers that mean the disk, not the program, failed the run.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def model_settings(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    """GPTConfig arguments from the `model` group; a null vocab_size follows the tokenizer."""
-    settings = {key: value for key, value in model.items() if key not in RUN_MODEL_KEYS}
-    unknown = sorted(set(settings) - MODEL_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"model.{unknown[0]} is not a model setting: use one of "
-            f"{', '.join(sorted(MODEL_KEYS | RUN_MODEL_KEYS))}."
-        )
-    if settings.get("vocab_size") is None:
-        settings["vocab_size"] = vocab_size
-    return settings
+def validate(cfg: DictConfig) -> tuple[RunSettings, GPTDataModule]:
+    """Check what can be checked without data, so mistakes cost seconds, not a data load.
 
-
-def validate(cfg: DictConfig) -> None:
-    """Check what can be checked without data, so mistakes cost seconds, not a data load."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    if model.get("tokenizer") not in TOKENIZER_NAMES:
-        raise ConfigError(
-            f"model.tokenizer={model.get('tokenizer')!r} is unknown: use one of "
-            f"{', '.join(TOKENIZER_NAMES)}."
-        )
-    GPTConfig(**model_settings(model, vocab_size=1))
-    if model["tokenizer"] == "gpt2" and model.get("vocab_size") is not None:
-        check_vocab_size(model["vocab_size"], GPT2Tokenizer())
-    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    check_optimizer(optimizer)
-    check_run_length(cfg.trainer, optimizer)
+    The data module is built (not loaded) here, which checks the data group's values.
+    """
+    settings = RunSettings.from_cfg(cfg)
+    datamodule = GPTDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule.connect(settings.tokenizer, settings.model["context_length"])
+    if settings.tokenizer == "gpt2" and settings.model["vocab_size"] is not None:
+        check_vocab_size(settings.model["vocab_size"], GPT2Tokenizer())
     check_sampling(0.0, None, None, cfg.max_new_tokens)
     if cfg.optimized_metric not in OPTIMIZED_METRICS:
         raise ConfigError(
             f"optimized_metric={cfg.optimized_metric!r} is unknown: use one of "
             f"{', '.join(OPTIMIZED_METRICS)}."
         )
-    if cfg.get("tokens_per_step"):
-        # The world size is checked again once the Trainer knows it.
-        accumulation_for(cfg.tokens_per_step, cfg.data.batch_size, cfg.data.context_length, 1)
+    # The world size is known once the Trainer is; a single process is checked here.
+    settings.optimizer.accumulation(datamodule.batch_size, datamodule.context_length, 1)
     ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
     if ckpt_path:
-        check_checkpoint_fits(ckpt_path, model)
+        SavedRun.read(ckpt_path).check_fits(settings.model, settings.tokenizer)
     if cfg.get("init_from"):
         find_initial_weights(cfg.init_from)
+    return settings, datamodule
 
 
-def check_run_length(trainer: DictConfig, optimizer: dict[str, Any]) -> None:
-    """Refuse runs that would never validate, or a cosine schedule with no end to decay to."""
-    max_steps, max_epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
-    endless = max_steps in (-1, None) and max_epochs in (-1, None)
-    if endless and optimizer.get("schedule") == "cosine":
-        raise ConfigError(
-            "optimizer.schedule=cosine needs a finite run: set trainer.max_steps "
-            "or trainer.max_epochs."
-        )
-    interval = trainer.get("val_check_interval")
-    if trainer.get("limit_val_batches") == 0:
-        raise ConfigError(
-            "trainer.limit_val_batches=0 turns validation off, but the best checkpoint, the "
-            "val curves and the sweep metric all need it: use e.g. trainer.limit_val_batches=10."
-        )
-    if isinstance(interval, int) and max_steps not in (-1, None) and interval > max_steps:
-        raise ConfigError(
-            f"trainer.val_check_interval={interval} is more than trainer.max_steps={max_steps}, "
-            f"so the run would never validate: set trainer.val_check_interval={max_steps} or less."
-        )
+def configure_matmul_precision(device_type: str) -> None:
+    """TF32 for float32 matmuls on CUDA (bf16-mixed leaves some ops, e.g. the loss, in fp32).
+
+    Set before the Trainer exists, which otherwise warns about unused Tensor Cores.
+    """
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
 
 
-def resolve_precision(precision: str | int, accelerator: str) -> str | int:
-    """`auto`: bf16 mixed precision where the GPU supports it, full fp32 elsewhere."""
-    if str(precision) != "auto":
-        return precision
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-
-
-def accumulation_for(
-    tokens_per_step: int, batch_size: int, context_length: int, world_size: int
-) -> int:
-    """Micro-batches per optimizer step so that one step sees `tokens_per_step` tokens."""
-    per_micro_batch = batch_size * context_length * world_size
-    if tokens_per_step < per_micro_batch or tokens_per_step % per_micro_batch:
-        raise ConfigError(
-            f"tokens_per_step={tokens_per_step:,} is not a multiple of data.batch_size x "
-            f"model.context_length x world size = {batch_size} x {context_length} x "
-            f"{world_size} = {per_micro_batch:,}: use e.g. tokens_per_step="
-            f"{max(1, round(tokens_per_step / per_micro_batch)) * per_micro_batch}, or null."
-        )
-    return tokens_per_step // per_micro_batch
-
-
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    options["precision"] = resolve_precision(
-        options.get("precision", "auto"), options["accelerator"]
-    )
+def build_trainer(cfg: DictConfig, settings: RunSettings, datamodule: GPTDataModule) -> L.Trainer:
+    """The Trainer with its callbacks and loggers; steps are optimizer steps throughout."""
+    options = dict(settings.trainer.options)
     if isinstance(options.get("strategy"), dict):
         options["strategy"] = instantiate(options["strategy"], _convert_="all")
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # gptlab's GracefulInterrupt saves at a step boundary and requeues on SIGUSR1.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
-    trainer = L.Trainer(**options, callbacks=callbacks, logger=loggers or False)
-    if cfg.get("tokens_per_step"):
-        if options.get("accumulate_grad_batches", 1) != 1:
-            raise ConfigError(
-                "Set either tokens_per_step or trainer.accumulate_grad_batches, not both: "
-                "tokens_per_step derives the accumulation."
-            )
-        # The world size is only known once the Trainer has resolved devices and nodes.
-        trainer.accumulate_grad_batches = accumulation_for(
-            cfg.tokens_per_step, cfg.data.batch_size, cfg.data.context_length, trainer.world_size
+    try:
+        trainer = L.Trainer(
+            **settings.trainer.lightning_options(),
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=plugins,
         )
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(
+            f"The trainer settings do not work here: {str(err).strip()} Check the trainer.* "
+            f"values (see conf/trainer/)."
+        ) from None
+    # Known once the Trainer has resolved devices and nodes.
+    accumulation = settings.optimizer.accumulation(
+        datamodule.batch_size, datamodule.context_length, trainer.world_size
+    )
+    for key, value in settings.trainer.lightning_options(accumulation).items():
+        if key in ("accumulate_grad_batches", "val_check_interval", "check_val_every_n_epoch"):
+            setattr(trainer, key, value)
     return trainer
 
 
@@ -166,45 +121,6 @@ def best_val_loss(trainer: L.Trainer) -> float:
     return float(trainer.callback_metrics.get("val/loss", float("nan")))
 
 
-def run(cfg: DictConfig) -> float:
-    """Train as `cfg` says and return `cfg.optimized_metric`, which sweepers minimise.
-
-    Leaves `<run dir>/run_summary.json` for sweep summaries, whether the run completes or fails.
-    """
-    run_dir = Path(cfg.paths.output_dir)
-    overrides = task_overrides()
-    started = time.perf_counter()
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        # A resume that fails its checks leaves the run it names untouched, record included.
-        if not (cfg.get("resume") or cfg.get("ckpt_path")):
-            record_run(run_dir, RunRecord("failed", overrides, error=error_line(err)))
-        raise
-    record_run(run_dir, RunRecord(status="running", overrides=overrides))
-    try:
-        trainer = fit(cfg)
-    except Exception as err:
-        elapsed = time.perf_counter() - started
-        status = "interrupted" if isinstance(err, TrainingInterrupted) else "failed"
-        record = RunRecord(status, overrides, wall_time_s=elapsed, error=error_line(err))
-        record_run(run_dir, record)
-        raise
-    best = best_val_loss(trainer)
-    curves = next((c for c in trainer.callbacks if isinstance(c, TrainingCurves)), None)
-    record = RunRecord(
-        status="completed",
-        overrides=overrides,
-        best_val_loss=best,
-        val_ppl=math.exp(best) if math.isfinite(best) else best,
-        steps=trainer.global_step,
-        tokens_seen=curves.tokens_seen if curves is not None else None,
-        wall_time_s=time.perf_counter() - started,
-    )
-    record_run(run_dir, record)
-    return OPTIMIZED_METRICS[cfg.optimized_metric](record)
-
-
 def task_overrides() -> list[str]:
     """This run's command-line overrides (in a sweep: its trial's values)."""
     if not HydraConfig.initialized():
@@ -212,22 +128,119 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def fit(cfg: DictConfig) -> L.Trainer:
-    """Load the data, build the model, validate it untrained, fit, report (config validated)."""
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = GPTDataModule(**OmegaConf.to_container(cfg.data, resolve=True))
+@dataclasses.dataclass
+class RunRecorder:
+    """Keeps `<run dir>/run_summary.json` true to the run, whatever ends it.
+
+    A resume that fails before training starts leaves the earlier run's record as it was;
+    a record that cannot be written (a full disk) is logged, not allowed to hide the error.
+    """
+
+    run_dir: Path
+    overrides: list[str]
+    resuming: bool
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    trainer: L.Trainer | None = None
+    training: bool = False
+
+    def write(self, record: RunRecord) -> None:
+        try:
+            rank_zero_only(write_run_record)(self.run_dir, record)
+        except OSError as err:
+            log.warning("Could not write %s's record: %s", self.run_dir, err)
+
+    def start(self, trainer: L.Trainer) -> None:
+        self.trainer, self.training = trainer, True
+        self.write(RunRecord("running", self.overrides))
+
+    def end(self, status: str, error: BaseException | None = None) -> RunRecord:
+        record = RunRecord(
+            status,
+            self.overrides,
+            wall_time_s=time.perf_counter() - self.started,
+            error=error_line(error) if error is not None else None,
+        )
+        if self.trainer is not None:
+            best = best_val_loss(self.trainer)
+            monitor = next(
+                (c for c in self.trainer.callbacks if isinstance(c, TrainingMonitor)), None
+            )
+            record.best_val_loss = best if math.isfinite(best) else None
+            record.val_ppl = math.exp(best) if math.isfinite(best) else None
+            record.steps = self.trainer.global_step
+            record.tokens_seen = monitor.tokens_seen if monitor else None
+            record.tokens_per_sec = monitor.run_tokens_per_sec if monitor else None
+        if self.training or not self.resuming:
+            self.write(record)
+        return record
+
+
+def run(cfg: DictConfig) -> float:
+    """Train as `cfg` says and return `cfg.optimized_metric`, which sweepers minimise.
+
+    Leaves `<run dir>/run_summary.json` for sweep summaries, whether the run completes or fails.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    with owned(run_dir):
+        resuming = bool(cfg.get("resume") or cfg.get("ckpt_path") or requeued_checkpoint(run_dir))
+        recorder = RunRecorder(run_dir, task_overrides(), resuming)
+        try:
+            settings, datamodule = validate(cfg)
+            fit(cfg, settings, datamodule, recorder)
+        except TrainingInterrupted as err:
+            recorder.end(status_of(err), err)
+            err.resume_hint = resume_hint(run_dir)
+            raise
+        except OSError as err:
+            recorder.end("failed", err)
+            if err.errno in STORAGE_ERRNOS:
+                raise storage_error(err, run_dir) from None
+            raise
+        except Exception as err:
+            recorder.end(status_of(err), err)
+            raise
+        record = recorder.end("completed")
+    if record.best_val_loss is None:
+        return math.nan
+    return OPTIMIZED_METRICS[cfg.optimized_metric](record)
+
+
+def resume_hint(run_dir: Path) -> str:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    kept = f" ({last.name} holds step {saved_step(last)})" if last.is_file() else ""
+    return f"Continue with `python scripts/train.py <same options> resume={run_dir}`{kept}."
+
+
+def storage_error(err: OSError, run_dir: Path) -> StorageError:
+    """A full disk (or quota, or read-only mount) as one paragraph with the way back."""
+    where = f" {err.filename}" if err.filename else f" into {run_dir}"
+    return StorageError(
+        f"Could not write{where} ({err.strerror}): the run stopped, and every file it had "
+        f"written before is intact. Free some space (or fix the mount). {resume_hint(run_dir)}",
+    )
+
+
+def fit(
+    cfg: DictConfig, settings: RunSettings, datamodule: GPTDataModule, recorder: RunRecorder
+) -> L.Trainer:
+    """Build the Trainer, load the data and the model, validate untrained, fit, report."""
+    L.seed_everything(settings.seed, workers=True)
+    configure_matmul_precision(settings.trainer.device_type)
+    trainer = build_trainer(cfg, settings, datamodule)
     datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
     ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
+    ckpt_path = ckpt_path or requeued_checkpoint(recorder.run_dir)
     if ckpt_path:
-        check_checkpoint_tokenizer(ckpt_path, tokenizer)
-    prompt = encode_prompt(tokenizer, cfg.prompt)
+        SavedRun.read(ckpt_path).check_tokenizer(tokenizer)
+    prompt = encode_prompt(tokenizer, cfg.prompt, key="prompt")
     module = GPTLightningModule(
-        model=model_settings(OmegaConf.to_container(cfg.model, resolve=True), tokenizer.vocab_size),
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        model=settings.model_config(tokenizer.vocab_size),
+        optimizer=settings.optimizer,
         tokenizer=tokenizer.to_dict(),
-        compile=bool(cfg.model.get("compile", False)),
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
     )
     if cfg.get("init_from"):
         load_initial_weights(module, cfg.init_from)
@@ -240,7 +253,6 @@ def fit(cfg: DictConfig) -> L.Trainer:
         f"{len(datamodule.train_tokens):,}",
         f"{len(datamodule.val_tokens):,}",
     )
-    trainer = build_trainer(cfg)
     if not ckpt_path:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
         log.info(
@@ -248,6 +260,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
             initial,
             math.log(tokenizer.vocab_size),
         )
+    recorder.start(trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         report(cfg, trainer, module, prompt, best_val_loss(trainer))
@@ -262,16 +275,22 @@ def report(
     result: float,
 ) -> None:
     """What a user wants to see when a run ends: numbers, where things are, a sample."""
-    device = next(module.parameters()).device
-    idx = torch.tensor([prompt], device=device)
-    tokens = generate(
-        module.model, idx, cfg.max_new_tokens, context_length=module.config.context_length
-    )
     checkpoint = trainer.checkpoint_callback
-    print(f"Best val loss: {result:.4f} (perplexity {math.exp(result):.2f})")
+    if math.isfinite(result):
+        print(f"Best val loss: {result:.4f} (perplexity {math.exp(result):.2f})")
     if checkpoint is not None:
         print(f"Best checkpoint: {checkpoint.best_model_path}")
         print(f"Last checkpoint: {checkpoint.dirpath}/last.ckpt")
-    print(f"TensorBoard: tensorboard --logdir {cfg.paths.output_dir}/tensorboard")
+    print(f"TensorBoard: tensorboard --logdir {cfg.paths.output_dir}")
+    # An FSDP model is whole only inside its forward: sample from the saved, whole weights.
+    sharded = isinstance(trainer.strategy, FSDPStrategy) and checkpoint is not None
+    model = load_checkpoint(f"{checkpoint.dirpath}/last.ckpt").model if sharded else module.model
+    device = next(model.parameters()).device
+    tokens = generate(
+        model,
+        torch.tensor([prompt], device=device),
+        cfg.max_new_tokens,
+        context_length=module.config.context_length,
+    )
     print(f"Greedy continuation of {cfg.prompt!r}:")
     print(module.tokenizer.decode(tokens[0].tolist()))

@@ -1,0 +1,291 @@
+"""Nothing lost: atomic writes, one directory per run, a full disk, signals, moved runs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.image import imread
+
+from conftest import REPO_ROOT, TINY_RUN, run_script, script_env
+from gptlab.atomic import remove_stale_temporaries
+from gptlab.checkpoints import AtomicCheckpointIO
+from gptlab.runs import claim_new_dir
+
+QUICK_RUN = tuple(o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trainer.val_")))
+# Checkpoints every step, on a model wide enough that a save takes a while to write.
+SAVING_RUN = (
+    *QUICK_RUN,
+    "model.emb_dim=256",
+    "model.n_heads=4",
+    "trainer.max_steps=400",
+    "trainer.val_check_interval=400",
+    "trainer.limit_val_batches=1",
+    "callbacks.checkpoint.every_n_steps=1",
+    "callbacks.sample_text=null",
+)
+
+
+def start(*args: str, log: Path, env: dict[str, str | None] | None = None) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args],
+            cwd=log.parent,
+            env=script_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def saved_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The new checkpoint is written, but the disk fills up before it reaches the platter.
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    monkeypatch.undo()
+    assert saved_step(path) == 1
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_stale_temporaries_are_removed_by_the_next_owner(tmp_path: Path) -> None:
+    (tmp_path / ".last.ckpt.123.tmp").write_bytes(b"killed mid-write")
+    (tmp_path / "last.ckpt").write_bytes(b"kept")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".last.ckpt.123.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def other_filesystem() -> Path | None:
+    """A folder on another filesystem than the temp dir (Lightning's old staging place)."""
+    shm = Path("/dev/shm")
+    writable = shm.is_dir() and os.access(shm, os.W_OK)
+    if writable and shm.stat().st_dev != Path(tempfile.gettempdir()).stat().st_dev:
+        return shm
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(other_filesystem() is None, reason="no writable tmpfs beside the temp dir")
+def test_kills_during_saves_on_another_filesystem_leave_a_loadable_checkpoint(
+    tmp_path: Path,
+) -> None:
+    run_dir = Path(tempfile.mkdtemp(dir=other_filesystem(), prefix="gptlab-test-"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    rng = random.Random(0)
+    steps = []
+    try:
+        for attempt in range(4):
+            resume = [f"resume={run_dir}"] if last.is_file() else [f"hydra.run.dir={run_dir}"]
+            process = start(*SAVING_RUN, *resume, log=tmp_path / f"attempt{attempt}.log")
+            before = saved_step(last) if last.is_file() else 0
+            wait_for(
+                lambda before=before: last.is_file() and saved_step(last) > before,
+                process,
+                "a save",
+            )
+            time.sleep(rng.uniform(0.0, 0.4))  # lands at any moment, mid-write included
+            process.send_signal(signal.SIGKILL)
+            assert process.wait() == -signal.SIGKILL
+            steps.append(saved_step(last))  # loads whole, or the assertion fails here
+        assert steps == sorted(steps) and steps[-1] > steps[0]
+        resumed = run_script("train.py", *SAVING_RUN, f"resume={run_dir}", "trainer.max_steps=2")
+        # Max steps below the saved step: nothing to train, but the run starts, owns the
+        # directory and clears what the kills left.
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def limit_file_size(limit: int):
+    """For a child process: files may not grow past `limit` bytes, as on a nearly full disk."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_cleanly_and_keeps_every_good_file(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = run_script("train.py", *SAVING_RUN, "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    size = last.stat().st_size
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "train.py"),
+            *SAVING_RUN,
+            "trainer.max_steps=6",
+            f"resume={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size(size // 2),
+    )
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    assert re.search(r"Error: Could not write .*File too large", resumed.stderr)
+    assert f"resume={run_dir}" in resumed.stderr and "holds step 3" in resumed.stderr
+    assert saved_step(last) == 3
+    best = list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    assert best and all(torch.load(b, weights_only=True)["global_step"] <= 3 for b in best)
+    assert not list(run_dir.rglob(".*.tmp")), "no litter"
+    assert imread(run_dir / "loss.png").shape[0] > 100
+    record = json.loads((run_dir / "run_summary.json").read_text())
+    assert record["status"] == "failed" and "File too large" in record["error"]
+
+
+def test_new_run_directories_are_never_shared(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        dirs = list(pool.map(lambda _: claim_new_dir(tmp_path), range(24)))
+    assert len(set(dirs)) == 24
+    assert all(Path(d).is_dir() for d in dirs)
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_write_to_two_directories(tmp_path: Path) -> None:
+    quick = (*TINY_RUN, "trainer.max_steps=2", f"paths.log_dir={tmp_path / 'outputs'}")
+    processes = [start(*quick, log=tmp_path / f"run{i}.log") for i in range(2)]
+    assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    records = sorted((tmp_path / "outputs").glob("*/*/run_summary.json"))
+    assert len(records) == 2
+    assert all(json.loads(r.read_text())["status"] == "completed" for r in records)
+
+
+@pytest.mark.slow
+def test_a_moved_run_directory_resumes_with_its_best_score_and_new_paths(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "moved"
+    first = run_script("train.py", *TINY_RUN, "trainer.max_steps=4", f"hydra.run.dir={old}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    best_before = json.loads((old / "run_summary.json").read_text())["best_val_loss"]
+    shutil.move(old, new)
+    resumed = run_script("train.py", *TINY_RUN, "trainer.max_steps=4", f"resume={new}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Best checkpoint: {new}/checkpoints/best-" in resumed.stdout
+    assert str(old) not in resumed.stdout
+    record = json.loads((new / "run_summary.json").read_text())
+    assert record["best_val_loss"] == pytest.approx(best_before)
+
+
+# Trains until a signal stops it, saving only then.
+SIGNAL_RUN = (
+    *QUICK_RUN,
+    "trainer.max_steps=100000",
+    "trainer.val_check_interval=100000",
+    "callbacks.checkpoint.every_n_steps=100000",
+)
+
+
+def started_training(run_dir: Path) -> bool:
+    """The run has trained a first step (its record says running, and its events grew)."""
+    record = run_dir / "run_summary.json"
+    running = record.is_file() and json.loads(record.read_text())["status"] == "running"
+    return running and len(list(run_dir.glob("events.out.tfevents.*"))) >= 2
+
+
+@pytest.mark.slow
+def test_sigterm_saves_marks_the_run_interrupted_and_says_how_to_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start(*SIGNAL_RUN, f"hydra.run.dir={run_dir}", log=tmp_path / "run.log")
+    wait_for(lambda: started_training(run_dir), process, "training")
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM
+    output = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in output
+    match = re.search(r"Interrupted by SIGTERM: saved step (\d+) to (\S+)\.", output)
+    assert match, output[-2000:]
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == int(match.group(1)) >= 1
+    assert f"resume={run_dir}" in output
+    record = json.loads((run_dir / "run_summary.json").read_text())
+    assert record["status"] == "interrupted" and record["steps"] == int(match.group(1))
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_without_a_traceback(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # Steps long enough (a wide model) that the second Ctrl-C lands before the first stops it.
+    wide = ("model.emb_dim=512", "model.n_heads=4", "data.batch_size=32")
+    process = start(*SIGNAL_RUN, *wide, f"hydra.run.dir={run_dir}", log=tmp_path / "run.log")
+    wait_for(lambda: started_training(run_dir), process, "training")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # two signals at once would arrive as one
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 130
+    output = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in output
+    assert "Aborted by a second Ctrl-C, without saving" in output
+    assert f"resume={run_dir}" in output
+
+
+@pytest.mark.slow
+def test_slurm_requeue_continues_the_job_in_its_run_directory(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = bin_dir / "scontrol"  # a stand-in for SLURM's, recording how it was called
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    run_dir = tmp_path / "outputs" / "slurm-4242"
+    process = start(*SIGNAL_RUN, "paths.log_dir=outputs", log=tmp_path / "job.log", env=env)
+    wait_for(lambda: started_training(run_dir), process, "training")
+    time.sleep(1.0)
+    process.send_signal(signal.SIGUSR1)  # SLURM's --signal=USR1@90 before the time limit
+    assert process.wait(timeout=300) == 128 + signal.SIGUSR1
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert "Requeued SLURM job 4242" in (tmp_path / "job.log").read_text()
+    step = saved_step(run_dir / "checkpoints" / "last.ckpt")
+    # The requeued job runs the same command; SLURM counts the restart.
+    restarted = run_script(
+        "train.py",
+        *QUICK_RUN,
+        f"trainer.max_steps={step + 2}",
+        "paths.log_dir=outputs",
+        cwd=tmp_path,
+        env={**env, "SLURM_RESTART_COUNT": "1"},
+    )
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == step + 2
+    assert list((run_dir / ".hydra").glob("resume-*"))
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["slurm-4242"]
