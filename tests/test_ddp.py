@@ -12,8 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import TINY_RUN, cpu_trainer, run_script
-from gptlab.data import GPTDataModule
+from conftest import TINY_RUN, cpu_trainer, make_datamodule, run_script
 from gptlab.module import GPTLightningModule
 
 DDP_CPU = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
@@ -38,7 +37,7 @@ def test_ranks_see_disjoint_windows(tmp_path: Path) -> None:
     # Every window holds distinct numbers, so a window's content identifies it.
     corpus = tmp_path / "numbers.txt"
     corpus.write_text("".join(f"{i:07d}|" for i in range(4001)))
-    datamodule = GPTDataModule(
+    datamodule = make_datamodule(
         source="text_files",
         path=str(corpus),
         tokenizer="char",
@@ -129,7 +128,7 @@ def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
-    assert jobs == ["0", "1"]
+    assert jobs == ["0-lr=0.001", "1-lr=0.002"]
     for job in jobs:
         assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
     assert result.stdout.count("Best val loss:") == 2

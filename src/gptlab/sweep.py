@@ -7,25 +7,35 @@ fails, so a sweep can be summarised from its directory alone: by the Hydra callb
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-import os
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.errors import ConfigError
+from gptlab.atomic import atomic_write_text
+from gptlab.errors import ConfigError, TrainingInterrupted
+from gptlab.overrides import as_number, run_name, short_override, split_override
+from gptlab.plots import plot_summary, status_counts
 
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "run_summary.json"
+# The keys a sweep varies, written when it starts, read to name its jobs.
+SWEEP_FILE = "sweep.json"
+MAX_JOB_NAME = 120
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 COLUMNS = (
     "run",
@@ -45,7 +55,8 @@ class RunRecord:
     """What a sweep needs to know about one run; stored as `<run dir>/run_summary.json`."""
 
     # running (or killed before it could say otherwise), completed, failed, interrupted
-    # (Ctrl-C, resumable); `unknown` is what a summary shows for a run without a record.
+    # (Ctrl-C, SIGTERM: resumable), pruned (stopped early by an Optuna pruner: its loss so
+    # far); `unknown` is what a summary shows for a run without a record.
     status: str
     overrides: list[str]
     best_val_loss: float | None = None
@@ -54,6 +65,7 @@ class RunRecord:
     tokens_seen: int | None = None
     wall_time_s: float | None = None
     error: str | None = None
+    tokens_per_sec: float | None = None
 
 
 def error_line(err: BaseException) -> str:
@@ -62,10 +74,23 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
+def status_of(err: BaseException) -> str:
+    """How a run that raised `err` ended: interrupted (resumable), pruned by Optuna, or failed.
+
+    Optuna is imported only by Optuna sweeps, so without it no run can be pruned.
+    """
+    if isinstance(err, TrainingInterrupted):
+        return "interrupted"
+    optuna = sys.modules.get("optuna")
+    if optuna is not None and isinstance(err, optuna.TrialPruned):
+        return "pruned"
+    return "failed"
+
+
 def write_run_record(run_dir: Path, record: RunRecord) -> Path:
     path = Path(run_dir) / RUN_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
     return path
 
 
@@ -90,11 +115,14 @@ def hydra_overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Readers never see half a file, even when parallel jobs rewrite the same summary."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def in_multirun() -> bool:
+    """Whether this is one job of a Hydra sweep (`-m`)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_number(run_dir: Path) -> str:
+    """A job directory's number: `3` of `3-lr=0.001,drop_rate=0.1` (its whole name otherwise)."""
+    return run_dir.name.split("-", 1)[0]
 
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
@@ -104,12 +132,59 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
         for d in Path(sweep_dir).iterdir()
         if d.is_dir() and ((d / ".hydra").is_dir() or (d / RUN_RECORD).is_file())
     ]
-    return sorted(found, key=lambda d: (int(d.name) if d.name.isdigit() else math.inf, d.name))
+
+    def order(d: Path) -> tuple[float, str]:
+        number = job_number(d)
+        return (int(number) if number.isdigit() else math.inf, d.name)
+
+    return sorted(found, key=order)
 
 
-def split_override(override: str) -> tuple[str, str]:
-    key, _, value = override.partition("=")
-    return key, value
+def write_swept_keys(sweep_dir: Path, keys: Sequence[str]) -> None:
+    """Record which keys a sweep varies, for its jobs' names (see `job_subdir`)."""
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(sweep_dir) / SWEEP_FILE, json.dumps({"swept": list(keys)}) + "\n")
+
+
+def swept_keys(sweep_dir: Path) -> list[str]:
+    path = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(path.read_text())["swept"] if path.is_file() else []
+
+
+def sweep_definition_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun varies: command-line sweeps (`a=1,2`, `range(...)`) and the
+    sweeper's `params` (grid values, or an Optuna search space)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
+    fixed = {o.key_or_group for o in overrides if not o.is_sweep_override()}
+    params = config.hydra.sweeper.get("params") or {}
+    return list(dict.fromkeys([*keys, *(k for k in params if k not in fixed)]))
+
+
+def job_subdir(sweep_dir: str, number: int, overrides: Sequence[str]) -> str:
+    """A sweep job's directory name, `<number>-<run name>`, which TensorBoard shows as the
+    run's name; filesystem-safe and at most MAX_JOB_NAME characters."""
+    name = run_name(list(overrides), swept_keys(Path(sweep_dir)))
+    name = "".join(c if c.isalnum() or c in "=,._+-" else "_" for c in name)[:MAX_JOB_NAME]
+    return f"{number}-{name}" if name else str(number)
+
+
+def swept_hparams() -> dict[str, float | str]:
+    """This sweep job's values of the keys its sweep varies, as HParams columns (`optimizer/lr`);
+    none outside a sweep."""
+    if not in_multirun():
+        return {}
+    hydra = HydraConfig.get()
+    given = dict(split_override(o) for o in hydra.overrides.task)
+    return {
+        key.replace(".", "/"): given[key]
+        if as_number(given[key]) is None
+        else as_number(given[key])
+        for key in swept_keys(Path(hydra.sweep.dir))
+        if key in given
+    }
 
 
 def varying_keys(records: Sequence[RunRecord]) -> list[str]:
@@ -119,15 +194,9 @@ def varying_keys(records: Sequence[RunRecord]) -> list[str]:
     return [key for key in keys if len({overrides.get(key) for overrides in given}) > 1]
 
 
-def as_number(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per run, best val loss first; runs without a finite loss go last, in job order."""
+    """One row per run, best val loss first: completed runs, then pruned ones, then the rest
+    (no finite loss), in job order."""
     dirs = run_dirs(sweep_dir) if Path(sweep_dir).is_dir() else []
     if not dirs:
         raise ConfigError(
@@ -139,20 +208,23 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for run_dir, record in zip(dirs, records, strict=True):
         row = dataclasses.asdict(record)
-        row["run"] = run_dir.name
+        row["run"] = job_number(run_dir)
         row["swept"] = {
             key: value for key, value in map(split_override, record.overrides) if key in swept
         }
         # A sweep of one run, or of repeats, changed nothing: then show every override.
         shown = [o for o in record.overrides if split_override(o)[0] in swept or not swept]
         row["shown_overrides"] = shown
+        row["all_overrides"] = record.overrides
         row["overrides"] = " ".join(shown)
         rows.append(row)
 
-    def rank(row: dict[str, Any]) -> tuple[bool, float]:
+    def rank(row: dict[str, Any]) -> tuple[int, float]:
+        # A pruned run's loss is from fewer steps: it ranks after every completed run.
         loss = row["best_val_loss"]
-        finite = loss is not None and math.isfinite(loss)
-        return (not finite, loss if finite else 0.0)
+        if loss is None or not math.isfinite(loss):
+            return (2, 0.0)
+        return (int(row["status"] == "pruned"), loss)
 
     return sorted(rows, key=rank)
 
@@ -166,19 +238,11 @@ def format_cell(value: Any) -> str:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def short_override(override: str) -> str:
-    """`optimizer.lr=0.00024380478036384822` as `optimizer.lr=0.0002438`, for reading."""
-    key, value = split_override(override)
-    number = as_number(value)
-    return f"{key}={number:.4g}" if number is not None and "." in value else override
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -192,60 +256,56 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_markdown(rows: Sequence[dict[str, Any]], sweep_dir: Path, path: Path) -> None:
-    completed = sum(row["status"] == "completed" for row in rows)
     text = (
         f"# Sweep {sweep_dir}\n\n"
-        f"{len(rows)} runs: {completed} completed, sorted by best val loss (lowest first).\n\n"
+        f"{len(rows)} runs: {status_counts(rows)}; sorted by best val loss (lowest first), "
+        f"completed runs before pruned ones.\n\n"
         f"{markdown_table(rows)}\n"
     )
-    atomic_write(path, text)
+    atomic_write_text(path, text)
 
 
-def single_numeric_parameter(rows: Sequence[dict[str, Any]]) -> str | None:
-    """The swept key when exactly one is swept and all its values are numbers."""
-    keys = {key for row in rows for key in row["swept"]}
-    if len(keys) != 1:
-        return None
-    (key,) = keys
-    if all(as_number(row["swept"].get(key)) is not None for row in rows):
-        return key
-    return None
+def console_table(rows: Sequence[dict[str, Any]], limit: int = 10) -> str:
+    """The top rows as aligned text, numbers right-aligned: what a terminal shows of the ranking."""
+    header = ["rank", "run", "best val loss", "val ppl", "steps", "wall s", "status", "overrides"]
+    show_errors = any(row["error"] for row in rows[:limit])
+    if show_errors:
+        header.append("error")
+    lines = [header]
+    for rank, row in enumerate(rows[:limit], start=1):
+        loss, ppl, wall = row["best_val_loss"], row["val_ppl"], row["wall_time_s"]
+        cells = [
+            str(rank),
+            row["run"],
+            format_cell(loss),
+            "" if ppl is None else f"{ppl:.2f}",
+            format_cell(row["steps"]),
+            "" if wall is None else f"{wall:.1f}",
+            row["status"],
+            " ".join(map(short_override, row["shown_overrides"])),
+        ]
+        lines.append([*cells, row["error"] or ""] if show_errors else cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    numbers = range(header.index("status"))
+    text = [
+        "  ".join(
+            cell.rjust(width) if i in numbers else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    ]
+    if len(rows) > limit:
+        text.append(f"... and {len(rows) - limit} more")
+    return "\n".join(text)
 
 
-def plot_summary(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Best val loss against the swept value when there is one numeric parameter, else per run."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    done = [r for r in rows if r["best_val_loss"] is not None and math.isfinite(r["best_val_loss"])]
-    failed = len(rows) - len(done)
-    key = single_numeric_parameter(rows)
-    fig = Figure(figsize=(7, max(3.0, 0.35 * len(done) + 1.5)) if key is None else (6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    if key is not None and done:
-        points = sorted((as_number(r["swept"][key]), r["best_val_loss"]) for r in done)
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o")
-        if min(xs) > 0 and max(xs) >= 10 * min(xs):
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel("best val loss")
-    elif done:
-        labels = [f"#{r['run']} {r['overrides']}"[:70] for r in done]
-        ax.barh(range(len(done)), [r["best_val_loss"] for r in done])
-        ax.set_yticks(range(len(done)), labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("best val loss (best first)")
-    else:
-        ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    title = f"{len(done)} completed runs"
-    ax.set_title(title + (f", {failed} failed or unfinished" if failed else ""))
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+def winner(rows: Sequence[dict[str, Any]]) -> str:
+    """The best run and all its overrides, to repeat or build on it."""
+    best = rows[0] if rows else None
+    if best is None or best["best_val_loss"] is None or not math.isfinite(best["best_val_loss"]):
+        return "No run finished with a val loss."
+    overrides = " ".join(map(shlex.quote, best["all_overrides"])) or "(no overrides)"
+    return f"Best: run {best['run']}, val loss {format_cell(best['best_val_loss'])}: {overrides}"
 
 
 def write_summary(sweep_dir: Path) -> list[Path]:
@@ -260,25 +320,43 @@ def write_summary(sweep_dir: Path) -> list[Path]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: rewrite the sweep summary after every job and at the end of a multirun.
+    """Hydra callback: rewrite the sweep summary after every job; print the ranking at the end.
 
-    After every job too, because Hydra's basic sweeper re-raises a failed job's error once
-    its batch is done, and then `on_multirun_end` never runs.
+    Rewritten after every job, so a sweep that is killed still leaves a current summary.
+    Printed once: by `on_multirun_end`, or, where Hydra's basic sweeper re-raises a failed
+    job's error and so never calls it, when the process exits, after Hydra's error.
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        write_swept_keys(Path(config.hydra.sweep.dir), sweep_definition_keys(config))
+        atexit.register(self.report, Path(config.hydra.sweep.dir))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
             self.summarize(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.summarize(Path(config.hydra.sweep.dir))
+        atexit.unregister(self.report)
+        self.report(Path(config.hydra.sweep.dir))
+
+    @classmethod
+    def report(cls, sweep_dir: Path) -> None:
+        """Write the summary files and print the top of the ranking and the winner."""
+        rows = cls.summarize(sweep_dir)
+        if not rows:
+            return
+        print(
+            f"Sweep of {len(rows)} runs, {status_counts(rows)}, best val loss first "
+            f"(all in {sweep_dir / SUMMARY_FILES[1]}):\n{console_table(rows)}\n{winner(rows)}"
+        )
 
     @staticmethod
-    def summarize(sweep_dir: Path) -> None:
+    def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+        """The ranked rows, after writing them to the summary files; none if that failed."""
         # A summary that cannot be written must not stop the sweep that it describes.
         try:
-            paths = write_summary(sweep_dir)
+            write_summary(sweep_dir)
+            return summary_rows(sweep_dir)
         except Exception:
             log.exception("Could not write the sweep summary in %s", sweep_dir)
-            return
-        log.info("Sweep summary: %s (and .csv, .png)", paths[1])
+            return []

@@ -1,0 +1,253 @@
+"""The PNGs a run and a sweep leave behind: `loss.png` and `summary.png`.
+
+Drawn with matplotlib's object API on the Agg canvas, so no GUI backend or global pyplot
+state is involved. matplotlib is imported inside the functions: only these writes need it,
+not every import of gptlab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gptlab.atomic import atomic_write
+from gptlab.overrides import as_number, short_override
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+# How a sweep's runs end; statuses not listed here are counted after these, by name.
+STATUS_ORDER = ("completed", "pruned", "failed", "interrupted", "running", "unknown")
+BEST_COLOUR = "tab:green"
+RUN_COLOUR = "tab:blue"
+PRUNED_COLOUR = "0.7"
+# Longer run labels are cut, so that the bars keep most of the width; summary.md has them whole.
+MAX_LABEL_CHARS = 60
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Save atomically: a full disk never leaves a broken PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip("."), dpi=100))
+
+
+def linear_through(xs: np.ndarray, ys: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The piecewise linear function through (xs, ys), continued along its end segments.
+
+    Continued rather than clamped, so that it stays invertible over an axis's margins.
+    """
+    first = (ys[1] - ys[0]) / (xs[1] - xs[0])
+    last = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+
+    def f(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        y = np.interp(x, xs, ys)
+        y = np.where(x < xs[0], ys[0] + (x - xs[0]) * first, y)
+        return np.where(x > xs[-1], ys[-1] + (x - xs[-1]) * last, y)
+
+    return f
+
+
+def step_scale(
+    points: Sequence[tuple[int, int, float]],
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]] | None:
+    """Tokens seen to optimizer steps and back, through the recorded pairs and (0, 0).
+
+    Piecewise, because tokens per step change when a run resumes with another batch size.
+    Pairs that do not increase in both (a validation in the middle of an accumulated step)
+    are left out, so both directions stay monotonic. None when there is no step to show.
+    """
+    kept = [(0, 0)]
+    for tokens, step in sorted({(t, s) for t, s, _ in points}):
+        if tokens > kept[-1][0] and step > kept[-1][1]:
+            kept.append((tokens, step))
+    if len(kept) < 2:
+        return None
+    tokens, steps = (np.array(x, dtype=float) for x in zip(*kept, strict=True))
+    return linear_through(tokens, steps), linear_through(steps, tokens)
+
+
+def loss_figure(
+    train_losses: Sequence[tuple[int, int, float]],
+    val_losses: Sequence[tuple[int, int, float]],
+) -> Figure:
+    """Train and val loss against tokens seen, steps on the top axis: the book's plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for points, label, style in (
+        (train_losses, "Training loss", {"linestyle": "-"}),
+        # Markers show where the validations were, which a line through few points hides.
+        (val_losses, "Validation loss", {"linestyle": "-.", "marker": "o"}),
+    ):
+        if points:
+            tokens, _, losses = zip(*points, strict=True)
+            ax.plot(tokens, losses, label=label, **style)
+    ax.set_xlabel("Tokens seen")
+    ax.set_ylabel("Loss")
+    ax.legend(loc="upper right")
+    scale = step_scale([*train_losses, *val_losses])
+    if scale is not None:
+        ax.secondary_xaxis("top", functions=scale).set_xlabel("Steps")
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses(
+    train_losses: Sequence[tuple[int, int, float]],
+    val_losses: Sequence[tuple[int, int, float]],
+    path: Path,
+) -> None:
+    """Write `loss_figure` to `path` ((tokens seen, optimizer step, loss) triples)."""
+    save_figure(loss_figure(train_losses, val_losses), path)
+
+
+def status_counts(rows: Sequence[dict[str, Any]]) -> str:
+    """`12 completed, 6 pruned, 2 failed`: how the sweep's runs ended."""
+    counts = Counter(row["status"] for row in rows)
+    order = [*STATUS_ORDER, *sorted(set(counts) - set(STATUS_ORDER))]
+    return ", ".join(f"{counts[status]} {status}" for status in order if counts[status])
+
+
+def run_label(row: dict[str, Any]) -> str:
+    """`#3 drop_rate=0.1 lr=0.0002438`: the run and what was swept, cut to a readable length.
+
+    Keys lose their group (`optimizer.`) where the rest still tells them apart.
+    """
+    # Here, not at the top: gptlab.sweep imports this module.
+
+    overrides = [short_override(o) for o in row["shown_overrides"]]
+    keys = [o.partition("=")[0] for o in overrides]
+    names = [key.rpartition(".")[2] for key in keys]
+    if len(set(names)) == len(names):
+        overrides = [
+            name + o[len(key) :] for name, key, o in zip(names, keys, overrides, strict=True)
+        ]
+    label = " ".join([f"#{row['run']}", *overrides])
+    return label if len(label) <= MAX_LABEL_CHARS else label[: MAX_LABEL_CHARS - 1] + "…"
+
+
+def draw_against_value(ax: Axes, done: Sequence[dict[str, Any]], key: str) -> None:
+    """Best val loss against the swept value; `done` is sorted best first."""
+    from matplotlib.ticker import LogLocator, MaxNLocator
+
+    # Here, not at the top: gptlab.sweep imports this module.
+
+    # Pruned runs get no line: their loss is from when they were stopped, not comparable.
+    styles = {
+        False: {"color": RUN_COLOUR, "marker": "o", "label": "runs"},
+        True: {
+            "color": PRUNED_COLOUR,
+            "marker": "X",
+            "ls": "none",
+            "label": "pruned (stopped early)",
+        },
+    }
+    for pruned, style in styles.items():
+        points = sorted(
+            (as_number(r["swept"][key]), r["best_val_loss"])
+            for r in done
+            if (r["status"] == "pruned") == pruned
+        )
+        if points:
+            ax.plot(*zip(*points, strict=True), **style)
+    xs = [as_number(r["swept"][key]) for r in done]
+    best_x, best_loss = xs[0], done[0]["best_val_loss"]
+    ax.plot([best_x], [best_loss], "*", markersize=16, color=BEST_COLOUR, label="best", zorder=3)
+    # Under the best point, where no other run is: the text never hides data. Near an end of
+    # the axis, it runs inwards.
+    rank = sorted(xs).index(best_x) / max(len(xs) - 1, 1)
+    ax.margins(y=0.2)
+    ax.annotate(
+        f"best {best_loss:.4f} at {best_x:.4g}",
+        (best_x, best_loss),
+        xytext=(0, -12),
+        textcoords="offset points",
+        ha="left" if rank < 0.25 else "right" if rank > 0.75 else "center",
+        va="top",
+        color=BEST_COLOUR,
+        fontweight="bold",
+    )
+    # Few ticks, so that long numbers such as learning rates never overlap.
+    if min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(numticks=7))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel(key)
+    ax.set_ylabel("best val loss")
+
+
+def draw_bars(ax: Axes, done: Sequence[dict[str, Any]]) -> None:
+    """One bar per run, best first and coloured, each with its value."""
+    losses = [r["best_val_loss"] for r in done]
+    pruned = [r["status"] == "pruned" for r in done]
+    colours = [BEST_COLOUR] + [PRUNED_COLOUR if p else RUN_COLOUR for p in pruned[1:]]
+    bars = ax.barh(range(len(done)), losses, color=colours)
+    ax.set_yticks(range(len(done)), [run_label(r) for r in done], fontsize=8)
+    ax.invert_yaxis()
+    values = [
+        f"{loss:.4f}" + (" pruned" if p else "") for loss, p in zip(losses, pruned, strict=True)
+    ]
+    values[0] = "best " + values[0]
+    labels = ax.bar_label(bars, values, padding=3, fontsize=7)
+    labels[0].set(color=BEST_COLOUR, fontweight="bold")
+    ax.margins(x=0.25)  # room for the values
+    ax.set_xlabel("best val loss (best first)")
+
+
+def single_numeric_parameter(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The swept key when exactly one is swept and all its values are numbers."""
+    keys = {key for row in rows for key in row["swept"]}
+    if len(keys) != 1:
+        return None
+    (key,) = keys
+    if all(as_number(row["swept"].get(key)) is not None for row in rows):
+        return key
+    return None
+
+
+def summary_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """Best val loss against the swept value when there is one numeric parameter, else per run.
+
+    The best run (lowest finite loss) is marked; pruned runs (stopped early by Optuna) are
+    muted. The figure grows with the number of runs, so that their labels stay legible.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Here, not at the top: gptlab.sweep imports this module.
+
+    done = sorted(
+        (r for r in rows if r["best_val_loss"] is not None and math.isfinite(r["best_val_loss"])),
+        key=lambda r: r["best_val_loss"],
+    )
+    key = single_numeric_parameter(rows)
+    size = (6.5, 4.0) if key is not None else (8.0, max(3.0, 0.3 * len(done) + 1.5))
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if key is not None and done:
+        draw_against_value(ax, done, key)
+    elif done:
+        draw_bars(ax, done)
+    else:
+        ax.text(0.5, 0.5, "no run has a val loss", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title(f"{len(rows)} runs: {status_counts(rows)}")
+    return fig
+
+
+def plot_summary(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write `summary_figure` of `gptlab.sweep.summary_rows` to `path`."""
+    save_figure(summary_figure(rows), path)

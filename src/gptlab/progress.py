@@ -1,0 +1,144 @@
+"""The console's progress bar: one bar for the whole run, in optimizer steps, with an ETA.
+
+Lightning's bar counts the batches of each epoch and starts again at every epoch, so a run
+of 1000 steps over 5 epochs never says how far along it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks.progress.tqdm_progress import (
+    Tqdm,
+    TQDMProgressBar,
+    convert_inf,
+)
+
+from gptlab.callbacks import GracefulInterrupt
+
+log = logging.getLogger(__name__)
+
+INTERRUPT_HINT = (
+    "Ctrl-C (or SIGTERM) saves a checkpoint after the current step and stops training; a "
+    "second Ctrl-C stops at once."
+)
+
+
+def format_metric(name: str, value: Any) -> str:
+    """Short and fixed-width enough not to jitter: loss 4.234, lr 3.0e-04, tok/s 91,370."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not isinstance(value, float) or not math.isfinite(value):
+        return str(value)
+    key = name.rsplit("/", 1)[-1]
+    if key == "lr" or key.startswith("lr-"):  # LearningRateMonitor names it lr-<optimizer>
+        return f"{value:.1e}"
+    if "tok" in name:
+        return f"{value:,.0f}"
+    return f"{value:#.4g}".rstrip(".")
+
+
+class RunProgressBar(TQDMProgressBar):
+    """Training progress as optimizer steps out of the run's total, from start to end.
+
+    A TQDMProgressBar, so that Lightning's validation, test and predict bars, printing
+    through the bar, silence on ranks other than 0 and `TQDM_MINITERS` all stay as they are;
+    only the training bar changes. It is created once, when the first epoch starts, at the
+    resumed step (tqdm's ETA then counts only this run's speed), and counts
+    `trainer.global_step`: with gradient accumulation one step is several batches. The
+    postfix holds the metrics logged with `prog_bar=True`, read only when the bar refreshes
+    (every `refresh_rate` steps), because turning logged GPU tensors into numbers waits for
+    the GPU.
+    """
+
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, refresh_rate: int = 10, process_position: int = 0) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position)
+        self._shown_step = -1
+
+    @property
+    def train_description(self) -> str:
+        return f"Epoch {self.trainer.current_epoch}"
+
+    def init_train_tqdm(self) -> Tqdm:
+        trainer = self.trainer
+        return Tqdm(
+            desc=self.train_description,
+            total=convert_inf(trainer.estimated_stepping_batches),
+            initial=trainer.global_step,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def init_validation_tqdm(self) -> Tqdm:
+        """Below the training bar, and gone when done: val/loss goes to the training postfix."""
+        has_main_bar = self.trainer.state.fn != "validate"
+        return Tqdm(
+            desc=self.validation_description,
+            position=2 * self.process_position + has_main_bar,
+            disable=self.is_disabled,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            bar_format=TQDMProgressBar.BAR_FORMAT,
+        )
+
+    def on_train_start(self, *_: Any) -> None:
+        """No bar yet: it is drawn when the first epoch starts, once every callback has started."""
+        self._train_progress_bar = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if self._train_progress_bar is None:
+            # After GracefulInterrupt.setup, so the hint is said only once Ctrl-C
+            # does what it says, and before the bar is drawn, so it gets a line of its own.
+            interruptible = any(isinstance(c, GracefulInterrupt) for c in trainer.callbacks)
+            on_main_thread = threading.current_thread() is threading.main_thread()
+            if interruptible and on_main_thread and trainer.is_global_zero:
+                log.info(INTERRUPT_HINT)
+            self.train_progress_bar = self.init_train_tqdm()
+            self._shown_step = trainer.global_step
+        elif not self.train_progress_bar.disable:
+            self.train_progress_bar.set_description(self.train_description)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if step != self._shown_step and self._should_update(step, self.train_progress_bar.total):
+            self._show(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._train_progress_bar is None:  # ended before its first epoch started
+            return
+        self._show(trainer, pl_module)
+        self.train_progress_bar.close()
+
+    def _show(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bar = self.train_progress_bar
+        if bar.disable:
+            return
+        self._shown_step = trainer.global_step
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.n = trainer.global_step
+        bar.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, str]:
+        """The `prog_bar=True` metrics, formatted; no `v_num`: the run directory names the run."""
+        metrics = trainer.progress_bar_metrics
+        return {name: format_metric(name, value) for name, value in metrics.items()}
