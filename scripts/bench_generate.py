@@ -11,17 +11,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from gptlab.cli import model_preset
 from gptlab.generation import encode_prompt, generate, generate_text_simple
 from gptlab.model import GPTConfig, build_model
+from gptlab.settings import model_settings
 from gptlab.tokenizers import GPT2Tokenizer
-from gptlab.train import model_settings
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def timed(run: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
@@ -47,7 +44,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model_group = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
+    model_group = model_preset(args.model)
     if model_group["tokenizer"] != GPT2Tokenizer.name:
         raise SystemExit(
             f"--model {args.model} needs a corpus for its vocabulary: pick a gpt2 one."
