@@ -43,6 +43,13 @@ def test_experiments_validate(compose_train_config, experiment: str) -> None:
     validate(compose_train_config(f"experiment={experiment}"))
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_callbacks_instantiate_for_every_model(compose_train_config, model: str) -> None:
+    # The hparams callback reads model sizes the bigram table does not have.
+    cfg = compose_train_config(f"model={model}")
+    assert all(instantiate(c) is not None for c in cfg.callbacks.values())
+
+
 def test_default_callbacks_and_logger_instantiate(compose_train_config, tmp_path: Path) -> None:
     cfg = compose_train_config()
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
