@@ -186,6 +186,16 @@ def generate(
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
 
+def continue_prompt(
+    model: nn.Module, prompt: list[int], max_new_tokens: int, **options
+) -> list[int]:
+    """One prompt's ids followed by its continuation, generated on the model's own device."""
+    device = next(model.parameters()).device
+    return generate(model, torch.tensor([prompt], device=device), max_new_tokens, **options)[
+        0
+    ].tolist()
+
+
 def stream_text(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     """Decoded text as tokens arrive, held back while a character is still incomplete.
 

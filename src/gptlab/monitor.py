@@ -24,7 +24,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from gptlab.errors import TrainingInterrupted
 from gptlab.flops import training_flops_per_batch
-from gptlab.generation import check_sampling, encode_prompt, generate
+from gptlab.generation import check_sampling, continue_prompt, encode_prompt
 from gptlab.model import build_model, count_parameters
 from gptlab.plots import plot_losses
 from gptlab.steps import is_final_step, optimizer_stepped
@@ -115,9 +115,7 @@ class TrainingMonitor(Callback):
         else:
             self._unwritten_step = step
 
-    def write(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, to_bar: bool = True
-    ) -> None:
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, to_bar: bool = True) -> None:
         """Log the steps since the last write, at the optimizer step just taken (and show them
         in the progress bar, except where Lightning allows no logging: after an exception)."""
         step = trainer.global_step
@@ -271,17 +269,16 @@ class SampleText(Callback):
         """Markdown: the settings, then prompt and continuation as an indented (verbatim) block."""
         tokenizer = pl_module.tokenizer
         prompt = encode_prompt(tokenizer, self.prompt)
-        device = next(model.parameters()).device
-        tokens = generate(
+        tokens = continue_prompt(
             model,
-            torch.tensor([prompt], device=device),
+            prompt,
             self.max_new_tokens,
             context_length=pl_module.config.context_length,
             temperature=self.temperature,
             top_k=self.top_k,
-            generator=torch.Generator(device=device).manual_seed(self.seed),
+            seed=self.seed,
         )
-        continuation = tokenizer.decode(tokens[0, len(prompt) :].tolist())
+        continuation = tokenizer.decode(tokens[len(prompt) :])
         verbatim = "\n".join("    " + line for line in (self.prompt + continuation).splitlines())
         return (
             f"Prompt {self.prompt!r}, temperature {self.temperature}, top-k {self.top_k}, "

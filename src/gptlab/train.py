@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.checkpoints import AtomicCheckpointIO, SavedRun, checkpoint_to_resume, saved_step
 from gptlab.data import GPTDataModule
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
-from gptlab.generation import check_sampling, encode_prompt, generate
+from gptlab.generation import check_sampling, continue_prompt, encode_prompt
 from gptlab.loading import find_initial_weights, load_checkpoint, load_initial_weights
 from gptlab.model import count_parameters
 from gptlab.module import GPTLightningModule, check_vocab_size
@@ -285,12 +285,8 @@ def report(
     # An FSDP model is whole only inside its forward: sample from the saved, whole weights.
     sharded = isinstance(trainer.strategy, FSDPStrategy) and checkpoint is not None
     model = load_checkpoint(f"{checkpoint.dirpath}/last.ckpt").model if sharded else module.model
-    device = next(model.parameters()).device
-    tokens = generate(
-        model,
-        torch.tensor([prompt], device=device),
-        cfg.max_new_tokens,
-        context_length=module.config.context_length,
+    tokens = continue_prompt(
+        model, prompt, cfg.max_new_tokens, context_length=module.config.context_length
     )
     print(f"Greedy continuation of {cfg.prompt!r}:")
-    print(module.tokenizer.decode(tokens[0].tolist()))
+    print(module.tokenizer.decode(tokens))
