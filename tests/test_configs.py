@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -10,13 +11,19 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF_DIR, needs_shared_data, needs_tiktoken, run_script
-from gptlab.checkpoints import SavedRun
+from gptlab.checkpoints import (
+    ARCHITECTURE_FIELDS,
+    LAYOUT_FIELDS,
+    TRAINING_ONLY_FIELDS,
+    SavedRun,
+)
 from gptlab.corpus import SOURCES, CorpusSpec
 from gptlab.data import LoaderSettings
 from gptlab.errors import ConfigError
+from gptlab.model import GPTConfig
 from gptlab.settings import resolve_precision
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import validate
+from gptlab.train import build_trainer, validate
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith("_"))
 DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if not p.stem.startswith("_"))
@@ -134,3 +141,16 @@ def test_short_runs_are_never_refused_for_their_validation_interval(
     )
     settings, _ = validate(cfg)
     assert settings.trainer.val_every == every
+
+
+def test_a_callbacks_bad_setting_is_a_config_error_not_hydras(compose_train_config) -> None:
+    cfg = compose_train_config("model=tiny", "trainer=cpu", "callbacks.checkpoint.every_n_steps=0")
+    with pytest.raises(ConfigError, match=r"^callbacks.checkpoint.every_n_steps=0 must be"):
+        build_trainer(cfg, *validate(cfg))
+
+
+def test_every_model_field_says_whether_a_checkpoint_must_match_it() -> None:
+    # A new GPTConfig field must be placed in one class, or resumes would ignore it unseen.
+    classes = (ARCHITECTURE_FIELDS, LAYOUT_FIELDS, TRAINING_ONLY_FIELDS)
+    classified = [name for fields in classes for name in fields]
+    assert sorted(classified) == sorted(f.name for f in dataclasses.fields(GPTConfig))

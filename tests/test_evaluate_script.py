@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import TINY_RUN, make_datamodule, run_script
+from gptlab.errors import ConfigError
+from gptlab.evaluation import check_evaluate_config
 from gptlab.loading import load_checkpoint
 from gptlab.module import next_token_loss
 
@@ -77,3 +80,11 @@ def test_characters_outside_the_vocabulary_are_named(ckpt: Path, tmp_path: Path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "Characters 'éï'" in result.stderr
+
+
+@pytest.mark.parametrize("key", ["batch_size", "stride"])
+def test_a_text_files_loader_settings_are_named_by_their_own_keys(key: str) -> None:
+    settings = {"text_file": "notes.txt", "split": "val", "show_tokens": 0}
+    cfg = OmegaConf.create({**settings, "batch_size": 8, "stride": None, key: 0})
+    with pytest.raises(ConfigError, match=rf"^{key}=0 must be a whole number >= 1"):
+        check_evaluate_config(cfg)

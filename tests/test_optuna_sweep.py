@@ -329,3 +329,21 @@ def test_optuna_search_composes_with_the_slurm_launcher(compose_train_config) ->
     assert cfg.hydra.sweeper.storage is None
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.callbacks.optuna_pruning._target_ == "gptlab.pruning.OptunaPruning"
+
+
+def test_hydra_finds_the_sweeper_as_installed_without_src_on_the_path(tmp_path: Path) -> None:
+    # As a user runs it after `pip install -e .`: no PYTHONPATH=src, as the other tests have.
+    env = script_env()
+    env.pop("PYTHONPATH")
+    listing = (
+        "from gptlab.cli import expose_hydra_plugins\n"
+        "from hydra.core.plugins import Plugins\n"
+        "from hydra.plugins.sweeper import Sweeper\n"
+        "expose_hydra_plugins()\n"
+        "print(*(p.__name__ for p in Plugins.instance().discover(Sweeper)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", listing], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GptlabOptunaSweeper" in result.stdout.split()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import platform
 import resource
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,14 +21,19 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from gptlab.checks import is_count
-from gptlab.errors import ConfigError
+from gptlab.checks import check_count
 from gptlab.flops import training_flops_per_batch
 from gptlab.model import GPTConfig, build_model
 from gptlab.module import GPTLightningModule, model_loss
-from gptlab.monitor import TrainingMonitor, compute_dtype
+from gptlab.monitor import TrainingMonitor, compute_dtype, synchronized_clock
 from gptlab.optim import OptimizerSettings, build_adamw
-from gptlab.settings import check_accelerator, model_settings, resolve_precision
+from gptlab.settings import (
+    check_accelerator,
+    configure_matmul_precision,
+    device_type_of,
+    model_settings,
+    resolve_precision,
+)
 from gptlab.tokenizers import CharTokenizer
 
 VARIANTS = ("lightning", "plain")
@@ -45,12 +49,6 @@ class Timings:
     peak_memory: int = 0
 
 
-def synchronize(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 class StepTimer(L.Callback):
     """Times batch-end to batch-end inside Lightning's loop, after `warmup` steps."""
 
@@ -61,7 +59,7 @@ class StepTimer(L.Callback):
         self._steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = synchronize(trainer.strategy.root_device)
+        now = synchronized_clock(trainer.strategy.root_device)
         self._steps += 1
         if self._last is not None and self._steps > self.warmup:
             self.timings.seconds.append(now - self._last)
@@ -136,7 +134,7 @@ def plain_round(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        now = synchronize(device)
+        now = synchronized_clock(device)
         if last is not None and step > warmup:
             timings.seconds.append(now - last)
         last = now
@@ -158,7 +156,7 @@ def benchmark(
 ) -> dict[str, Timings]:
     """Per-variant step timings over `rounds` interleaved rounds of `warmup + steps` steps."""
     module = GPTLightningModule(model_config, optimizer_settings, tokenizer, compile=compile)
-    device = torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+    device = torch.device(device_type_of(accelerator))
     plain = build_model(model_config).to(device)
     plain.load_state_dict(module.model.state_dict())
     loss_of = torch.compile(model_loss) if compile else model_loss
@@ -246,13 +244,12 @@ def cpu_name() -> str:
 def benchmark_from_config(cfg: DictConfig) -> None:
     """`gptlab-bench`: the Lightning step against the plain loop for `cfg.model`, printed."""
     for key in ("batch_size", "steps", "rounds"):
-        if not is_count(cfg[key]) or cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]!r} must be a whole number >= 1.")
-    if not is_count(cfg.warmup) or cfg.warmup < 1:
-        raise ConfigError(f"warmup={cfg.warmup!r} must be at least 1: the first step is untimed.")
+        check_count(key, cfg[key], 1)
+    check_count("warmup", cfg.warmup, 1, ": the first step is untimed")
     accelerator = check_accelerator(cfg.accelerator)
+    device = torch.device(device_type_of(accelerator))
     if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        accelerator = "gpu" if device.type == "cuda" else "cpu"
     precision = resolve_precision(cfg.precision, accelerator)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if model["tokenizer"] == "char":
@@ -261,9 +258,7 @@ def benchmark_from_config(cfg: DictConfig) -> None:
     else:
         tokenizer, vocab_size = {"name": "gpt2"}, GPT2_VOCAB_SIZE
     config = GPTConfig(**model_settings(model, vocab_size))
-    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+    configure_matmul_precision(device.type)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
         f"Device: {name} ({accelerator}, {torch.get_num_threads()} threads), "

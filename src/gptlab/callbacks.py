@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,16 +17,17 @@ from lightning.pytorch.callbacks import Callback
 
 from gptlab.checkpoints import RunCheckpoint, last_checkpoint, saved_step
 from gptlab.errors import NonFiniteLossError, TrainingAborted, TrainingInterrupted
+from gptlab.optim import SCALED_PRECISION
 from gptlab.runs import slurm_job_id
 from gptlab.steps import is_final_step, optimizer_stepped
 
 log = logging.getLogger(__name__)
 
-# Signals that stop a run cleanly, and how a message names them. SIGUSR1 is what SLURM's
-# `--signal=USR1@90` sends ahead of the time limit.
-STOP_SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGUSR1": "SIGUSR1"}
-# Lightning's precision whose GradScaler drives fused AdamW's skip input itself.
-SCALED_PRECISION = "16-mixed"
+# Signals that stop a run cleanly. SIGUSR1 is what SLURM's `--signal=USR1@90` sends ahead of
+# the time limit.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+# No non-finite loss seen yet: the largest step, so the minimum over ranks passes it by.
+NO_STEP = torch.iinfo(torch.int64).max
 
 
 def checkpoint_callback(trainer: L.Trainer) -> RunCheckpoint | None:
@@ -33,13 +35,13 @@ def checkpoint_callback(trainer: L.Trainer) -> RunCheckpoint | None:
     return checkpoint if isinstance(checkpoint, RunCheckpoint) else None
 
 
-def last_checkpoint_path(trainer: L.Trainer):
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
     """Where this run keeps `last.ckpt` (the run directory's checkpoints folder without one)."""
     checkpoint = checkpoint_callback(trainer)
     return checkpoint.last_path if checkpoint else last_checkpoint(trainer.default_root_dir)
 
 
-def save_last(trainer: L.Trainer):
+def save_last(trainer: L.Trainer) -> Path:
     """Write `last.ckpt` for the step just taken."""
     checkpoint = checkpoint_callback(trainer)
     if checkpoint is not None:
@@ -106,8 +108,12 @@ class NonFiniteLossGuard(Callback):
             self.check == "auto" and device.type == "cpu"
         )
         self._bad_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self._first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=device)
         self._checked_step = trainer.global_step
+        # A GradScaler drives fused AdamW's skip input itself under 16-mixed.
+        self._skips_on_device = trainer.precision != SCALED_PRECISION and any(
+            optimizer.defaults.get("fused") for optimizer in trainer.optimizers
+        )
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -124,14 +130,11 @@ class NonFiniteLossGuard(Callback):
     ) -> None:
         if self.every_step or self._step_bad is None:
             return
-        self._skips_on_device = bool(optimizer.defaults.get("fused")) and (
-            trainer.precision != SCALED_PRECISION
-        )
         if self._skips_on_device:
             optimizer.found_inf = self._step_bad.float()
         self._bad_steps += self._step_bad
-        step = torch.tensor(trainer.global_step + 1, device=self._first_bad.device)
-        self._first_bad = torch.where((self._first_bad < 0) & self._step_bad, step, self._first_bad)
+        first = (self._first_bad == NO_STEP) & self._step_bad
+        self._first_bad = torch.where(first, trainer.global_step + 1, self._first_bad)
         self._step_bad = None
 
     def on_train_batch_end(
@@ -146,7 +149,8 @@ class NonFiniteLossGuard(Callback):
         """Read the device's verdict on the steps since the last check (a host sync)."""
         bad_steps = int(trainer.strategy.reduce(self._bad_steps, reduce_op="sum"))
         if bad_steps:
-            first = int(self._first_bad)
+            # The bad step may have been another rank's.
+            first = int(trainer.strategy.reduce(self._first_bad, reduce_op="min"))
             self._stop(trainer, first, bad_steps, applied=not self._skips_on_device)
         self._checked_step = trainer.global_step
 
@@ -160,15 +164,15 @@ class NonFiniteLossGuard(Callback):
         )
         if self.every_step:
             what = "so that step was not applied"
-        elif applied:
-            what = (
-                f"found at step {trainer.global_step} with {bad_steps} such step(s) since step "
-                f"{self._checked_step}; they reached the weights (only a fused AdamW skips them)"
-            )
         else:
+            fate = (
+                "they reached the weights (only a fused AdamW skips them)"
+                if applied
+                else "fused AdamW skipped them, so the weights never took them"
+            )
             what = (
                 f"found at step {trainer.global_step} with {bad_steps} such step(s) since step "
-                f"{self._checked_step}; fused AdamW skipped them, so the weights never took them"
+                f"{self._checked_step}; {fate}"
             )
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else "?"
         raise NonFiniteLossError(

@@ -18,6 +18,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gptlab.atomic import atomic_write
+from gptlab.checks import check_count
 from gptlab.errors import ConfigError
 from gptlab.model import GPTConfig
 from gptlab.pretrained import read_failure
@@ -79,10 +80,12 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: str, every_n_steps: int | None = 100, **kwargs: Any) -> None:
         super().__init__(dirpath=dirpath, save_last=True, enable_version_counter=False, **kwargs)
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ConfigError(
-                f"callbacks.checkpoint.every_n_steps={every_n_steps} must be >= 1, or null to "
-                f"save last.ckpt only after validations and at the end."
+        if every_n_steps is not None:
+            check_count(
+                "callbacks.checkpoint.every_n_steps",
+                every_n_steps,
+                1,
+                ", or null to save last.ckpt only after validations and at the end",
             )
         self.every_n_steps = every_n_steps
         self._saved_step: int | None = None

@@ -7,8 +7,8 @@ calls the package; a reported error becomes one paragraph and an exit code.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.console import quiet_lightning
-from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
+from gptlab.errors import ConfigError, StorageError, TrainingInterrupted, exit_with_message
 from gptlab.runs import register_resolvers
 from gptlab.settings import resolve_device
 from gptlab.sweep import in_multirun
@@ -51,10 +51,7 @@ def exit_on_reported_error(task: Callable[..., T]) -> Callable[..., T]:
             if in_multirun():
                 log.error("%s", err)
                 raise
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"Error: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
+            exit_with_message(err)
         except TrainingInterrupted as stop:
             print(stop, file=sys.stderr)
             sys.exit(stop.exit_code)
@@ -69,10 +66,23 @@ def conf_dir() -> str:
     return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
 
 
+def expose_hydra_plugins() -> None:
+    """Let Hydra find gptlab's sweeper after `pip install -e`: Hydra lists plugins with pkgutil,
+    which cannot look inside setuptools' editable-install finder, but sees a folder on sys.path.
+    A regular install has that folder (site-packages) on sys.path already."""
+    spec = importlib.util.find_spec("hydra_plugins.gptlab_optuna_sweeper")
+    if spec is None or spec.origin is None:
+        return
+    root = str(Path(spec.origin).parents[2])
+    if root not in sys.path:
+        sys.path.append(root)
+
+
 def hydra_command(config_name: str, task: Callable[[DictConfig], T]) -> Callable[[], T | None]:
     """A console command: Hydra composes `conf/<config_name>.yaml` with the command line."""
 
     def command() -> T | None:
+        expose_hydra_plugins()
         register_resolvers()
         quiet_lightning()
         exit_on_reported_error(check_log_dir)(sys.argv[1:])

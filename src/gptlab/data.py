@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gptlab.checks import is_count
+from gptlab.checks import check_count, reject_unknown
 from gptlab.corpus import CorpusSpec
 from gptlab.errors import ConfigError
 from gptlab.prepared import TokenFile, open_prepared, token_dtype
@@ -78,15 +78,11 @@ class LoaderSettings:
     windows: str = "strided"
 
     def __post_init__(self) -> None:
-        counts = {"batch_size": 1, "num_workers": 0}
-        for key, minimum in counts.items():
-            value = getattr(self, key)
-            if not is_count(value) or value < minimum:
-                raise ConfigError(f"data.{key}={value!r} must be a whole number >= {minimum}.")
-        if self.stride is not None and (not is_count(self.stride) or self.stride < 1):
-            raise ConfigError(
-                f"data.stride={self.stride!r} must be a whole number >= 1, or null for the "
-                f"context length (windows that do not overlap)."
+        check_count("data.batch_size", self.batch_size, 1)
+        check_count("data.num_workers", self.num_workers, 0)
+        if self.stride is not None:
+            check_count(
+                "data.stride", self.stride, 1, ", or null for the context length (no overlap)"
             )
         ratio = self.train_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1:
@@ -126,12 +122,7 @@ class GPTDataModule(L.LightningDataModule):
     def from_config(cls, data: Mapping[str, Any]) -> GPTDataModule:
         """From the `data` group; a key that is neither a corpus nor a loader key is named."""
         corpus_keys, loader_keys = CorpusSpec.key_names(), LoaderSettings.key_names()
-        unknown = sorted(set(data) - set(corpus_keys) - set(loader_keys))
-        if unknown:
-            raise ConfigError(
-                f"data.{unknown[0]} is not a data setting: use one of "
-                f"{', '.join(sorted(corpus_keys + loader_keys))}."
-            )
+        reject_unknown("data", data, corpus_keys + loader_keys, "a data setting")
         loader = LoaderSettings(**{key: data[key] for key in loader_keys if key in data})
         return cls(CorpusSpec.from_mapping(data), loader)
 

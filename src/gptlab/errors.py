@@ -6,8 +6,11 @@ message must say what happened and what to do next.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_CONFIG_ERROR = 2
 EXIT_STORAGE_ERROR = 1
@@ -28,6 +31,15 @@ class StorageError(Exception):
     """A file the run must write could not be written (a full disk, a quota, a lost mount)."""
 
     exit_code = EXIT_STORAGE_ERROR
+
+
+def exit_with_message(err: ConfigError | StorageError) -> NoReturn:
+    """End the process with the error's paragraph and code; `HYDRA_FULL_ERROR=1` shows the
+    stack instead, as Hydra's own errors do."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"Error: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
 
 
 def signal_name(signum: int) -> str:

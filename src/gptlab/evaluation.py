@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gptlab.checks import check_count
 from gptlab.data import GPTDataModule, LoaderSettings, TokenWindows
 from gptlab.errors import ConfigError
 from gptlab.loading import load_model
@@ -185,6 +186,10 @@ def check_evaluate_config(cfg: DictConfig) -> LoaderSettings | None:
     if has_data and cfg.split not in ("train", "val"):
         raise ConfigError(f"split={cfg.split!r} is unknown: use train or val.")
     if not has_data:
+        # Checked under their own names: here they are not the data.* keys LoaderSettings names.
+        check_count("batch_size", cfg.batch_size, 1)
+        if cfg.stride is not None:
+            check_count("stride", cfg.stride, 1, ", or null for the context length (no overlap)")
         return LoaderSettings(batch_size=cfg.batch_size, stride=cfg.stride)
     return None
 

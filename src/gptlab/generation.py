@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -187,7 +188,7 @@ def generate(
 
 
 def continue_prompt(
-    model: nn.Module, prompt: list[int], max_new_tokens: int, **options
+    model: nn.Module, prompt: list[int], max_new_tokens: int, **options: Any
 ) -> list[int]:
     """One prompt's ids followed by its continuation, generated on the model's own device."""
     device = next(model.parameters()).device

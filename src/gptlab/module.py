@@ -40,6 +40,16 @@ def model_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return next_token_loss(model(inputs), targets)
 
 
+def check_compile_mode(compile_mode: Any) -> str:
+    """torch.compile's modes; checked before a run, not at its first compiled step."""
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"model.compile_mode={compile_mode!r} is unknown: use one of "
+            f"{', '.join(COMPILE_MODES)}."
+        )
+    return compile_mode
+
+
 def gradient_norm(root: torch.nn.Module, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm, clipping to `max_norm` (inf: measure only), without a host sync.
 
@@ -48,9 +58,10 @@ def gradient_norm(root: torch.nn.Module, module: torch.nn.Module, max_norm: floa
     """
     if isinstance(root, FullyShardedDataParallel):
         return root.clip_grad_norm_(max_norm)
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
     if math.isinf(max_norm):
-        return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.get_total_norm(
+            [p.grad for p in module.parameters() if p.grad is not None]
+        )
     return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
@@ -68,11 +79,7 @@ class GPTLightningModule(L.LightningModule):
         super().__init__()
         self.config = model if isinstance(model, GPTConfig) else GPTConfig(**model)
         self.optimizer_settings = OptimizerSettings.of(optimizer)
-        if compile_mode not in COMPILE_MODES:
-            raise ConfigError(
-                f"model.compile_mode={compile_mode!r} is unknown: use one of "
-                f"{', '.join(COMPILE_MODES)}."
-            )
+        check_compile_mode(compile_mode)
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {

@@ -41,10 +41,10 @@ def compute_dtype(precision: str) -> torch.dtype:
     return COMPUTE_DTYPES.get(str(precision).split("-")[0], torch.float32)
 
 
-def synchronized_clock(trainer: L.Trainer) -> float:
-    """Seconds, once the accelerator has finished the work queued so far."""
-    if trainer.strategy.root_device.type == "cuda":
-        torch.cuda.synchronize(trainer.strategy.root_device)
+def synchronized_clock(device: torch.device) -> float:
+    """Seconds, once `device` has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
@@ -83,7 +83,7 @@ class TrainingMonitor(Callback):
         self._flops_per_token: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._window_start = synchronized_clock(trainer)
+        self._window_start = synchronized_clock(trainer.strategy.root_device)
         self._timed, self._first = [0.0, 0, 0], [0.0, 0, 0]
 
     def on_train_batch_end(
@@ -145,7 +145,7 @@ class TrainingMonitor(Callback):
 
     def _close_window(self, trainer: L.Trainer, totals: list) -> tuple[float, int, int]:
         """End the timing window at this step, add it to `totals`, start the next one."""
-        now = synchronized_clock(trainer)
+        now = synchronized_clock(trainer.strategy.root_device)
         window = (now - self._window_start, self._window_tokens, self._window_steps)
         for i, value in enumerate(window):
             totals[i] += value
@@ -161,11 +161,11 @@ class TrainingMonitor(Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.training or trainer.state.fn == "fit":
-            self._paused_at = synchronized_clock(trainer)
+            self._paused_at = synchronized_clock(trainer.strategy.root_device)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._paused_at is not None and self._window_start is not None:
-            self._window_start += synchronized_clock(trainer) - self._paused_at
+            self._window_start += synchronized_clock(trainer.strategy.root_device) - self._paused_at
         self._paused_at = None
         loss = trainer.callback_metrics.get("val/loss")
         if not trainer.sanity_checking and loss is not None:

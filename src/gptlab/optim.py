@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gptlab.checks import is_count, is_number
+from gptlab.checks import check_count, is_number, reject_unknown
 from gptlab.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine")
@@ -49,10 +49,7 @@ class OptimizerSettings:
             value = getattr(self, key)
             if not is_number(value) or value < 0:
                 raise ConfigError(f"optimizer.{key}={value!r} must be a number >= 0.")
-        if not is_count(self.warmup_steps) or self.warmup_steps < 0:
-            raise ConfigError(
-                f"optimizer.warmup_steps={self.warmup_steps!r} must be a whole number >= 0."
-            )
+        check_count("optimizer.warmup_steps", self.warmup_steps, 0)
         if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ConfigError(
                 f"optimizer.betas={list(self.betas)!r} must be two numbers in [0, 1), "
@@ -70,24 +67,22 @@ class OptimizerSettings:
             raise ConfigError(
                 f"optimizer.fused={self.fused!r} is unknown: use auto, true or false."
             )
-        if self.tokens_per_step is not None and (
-            not is_count(self.tokens_per_step) or self.tokens_per_step < 1
-        ):
-            raise ConfigError(
-                f"tokens_per_step={self.tokens_per_step!r} must be a positive whole number of "
-                f"tokens (e.g. 524288, as GPT-2), or null for one micro-batch per step."
+        if self.tokens_per_step is not None:
+            check_count(
+                "tokens_per_step",
+                self.tokens_per_step,
+                1,
+                " (tokens per optimizer step, e.g. 524288 as GPT-2), or null for one micro-batch",
             )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **extra: Any) -> OptimizerSettings:
-        """From the `optimizer` group; a key that is not a setting is named, not ignored."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"optimizer.{unknown[0]} is not an optimizer setting: use one of "
-                f"{', '.join(sorted(known - {'tokens_per_step'}))}."
-            )
+        """From the `optimizer` group; a key that is not a setting is named, not ignored.
+
+        `extra`: settings from outside the group (tokens_per_step), which it may not set.
+        """
+        known = {field.name for field in dataclasses.fields(cls)} - set(extra)
+        reject_unknown("optimizer", values, known, "an optimizer setting")
         return cls(**{**values, **extra})
 
     @classmethod

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gptlab.atomic import atomic_write
-from gptlab.overrides import as_number, short_override
+from gptlab.overrides import as_number, short_keys, short_override, split_override
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -123,15 +123,9 @@ def run_label(row: dict[str, Any]) -> str:
 
     Keys lose their group (`optimizer.`) where the rest still tells them apart.
     """
-    # Here, not at the top: gptlab.sweep imports this module.
-
-    overrides = [short_override(o) for o in row["shown_overrides"]]
-    keys = [o.partition("=")[0] for o in overrides]
-    names = [key.rpartition(".")[2] for key in keys]
-    if len(set(names)) == len(names):
-        overrides = [
-            name + o[len(key) :] for name, key, o in zip(names, keys, overrides, strict=True)
-        ]
+    pairs = [split_override(o) for o in row["shown_overrides"]]
+    names = short_keys([key for key, _ in pairs])
+    overrides = [short_override(f"{names[key]}={value}") for key, value in pairs]
     label = " ".join([f"#{row['run']}", *overrides])
     return label if len(label) <= MAX_LABEL_CHARS else label[: MAX_LABEL_CHARS - 1] + "…"
 
@@ -139,8 +133,6 @@ def run_label(row: dict[str, Any]) -> str:
 def draw_against_value(ax: Axes, done: Sequence[dict[str, Any]], key: str) -> None:
     """Best val loss against the swept value; `done` is sorted best first."""
     from matplotlib.ticker import LogLocator, MaxNLocator
-
-    # Here, not at the top: gptlab.sweep imports this module.
 
     # Pruned runs get no line: their loss is from when they were stopped, not comparable.
     styles = {
@@ -225,8 +217,6 @@ def summary_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    # Here, not at the top: gptlab.sweep imports this module.
 
     done = sorted(
         (r for r in rows if r["best_val_loss"] is not None and math.isfinite(r["best_val_loss"])),

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.checks import is_count, is_number
+from gptlab.checks import check_count, is_count, is_number, reject_unknown
 from gptlab.errors import ConfigError
 from gptlab.model import GPTConfig
-from gptlab.module import COMPILE_MODES
+from gptlab.module import check_compile_mode
 from gptlab.optim import OptimizerSettings
 from gptlab.tokenizers import TOKENIZER_NAMES
 
@@ -45,13 +45,8 @@ SEED_RANGE = (0, 2**32 - 1)
 
 def model_settings(model: Mapping[str, Any], vocab_size: int | None) -> dict[str, Any]:
     """GPTConfig arguments from the `model` group; a null vocab_size follows the tokenizer."""
+    reject_unknown("model", model, MODEL_KEYS | RUN_MODEL_KEYS, "a model setting")
     settings = {key: value for key, value in model.items() if key not in RUN_MODEL_KEYS}
-    unknown = sorted(set(settings) - MODEL_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"model.{unknown[0]} is not a model setting: use one of "
-            f"{', '.join(sorted(MODEL_KEYS | RUN_MODEL_KEYS))}."
-        )
     if settings.get("vocab_size") is None:
         settings["vocab_size"] = vocab_size
     return settings
@@ -59,6 +54,21 @@ def model_settings(model: Mapping[str, Any], vocab_size: int | None) -> dict[str
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+def device_type_of(accelerator: str) -> str:
+    """Where an accelerator setting trains: `auto` takes the GPU when there is one."""
+    on_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and gpu_available())
+    return "cuda" if on_gpu else "cpu"
+
+
+def configure_matmul_precision(device_type: str) -> None:
+    """TF32 for float32 matmuls on CUDA (bf16-mixed leaves some ops, e.g. the loss, in fp32).
+
+    Set before the Trainer exists, which otherwise warns about unused Tensor Cores.
+    """
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
 
 
 def resolve_precision(precision: str | int, accelerator: str) -> str:
@@ -113,12 +123,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_count(key: str, value: Any, minimum: int, hint: str = "") -> int:
-    if not is_count(value) or value < minimum:
-        raise ConfigError(f"{key}={value!r} must be a whole number >= {minimum}{hint}.")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainerSettings:
     """Lightning Trainer arguments with gptlab's meanings resolved.
@@ -162,16 +166,12 @@ class TrainerSettings:
             )
         accelerator = check_accelerator(options.get("accelerator", "auto"))
         options["precision"] = resolve_precision(options.get("precision", "auto"), accelerator)
-        endless = max_steps == -1 and max_epochs in (None, -1)
+        endless = is_endless(max_steps, max_epochs)
         return cls(options, val_interval(options.get("val_check_interval"), max_steps, endless))
 
     @property
     def endless(self) -> bool:
-        """Neither max_steps nor max_epochs ends the run."""
-        return self.options.get("max_steps", -1) == -1 and self.options.get("max_epochs") in (
-            None,
-            -1,
-        )
+        return is_endless(self.options.get("max_steps", -1), self.options.get("max_epochs"))
 
     @property
     def clipping(self) -> bool:
@@ -180,9 +180,7 @@ class TrainerSettings:
     @property
     def device_type(self) -> str:
         """Where the run will train, as far as the settings say before the Trainer exists."""
-        accelerator = self.options.get("accelerator", "auto")
-        on_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and gpu_available())
-        return "cuda" if on_gpu else "cpu"
+        return device_type_of(self.options.get("accelerator", "auto"))
 
     def lightning_options(self, accumulation: int | None = None) -> dict[str, Any]:
         """Trainer arguments: validations every `val_every` optimizer steps of `accumulation`
@@ -197,6 +195,11 @@ class TrainerSettings:
             "accumulate_grad_batches": accumulation,
             "val_check_interval": interval,
         }
+
+
+def is_endless(max_steps: int, max_epochs: int | None) -> bool:
+    """Neither max_steps nor max_epochs ends the run."""
+    return max_steps == -1 and max_epochs in (None, -1)
 
 
 def val_interval(interval: Any, max_steps: int, endless: bool) -> int | float:
@@ -253,12 +256,7 @@ class RunSettings:
                 f"model.tokenizer={tokenizer!r} is unknown: use one of "
                 f"{', '.join(TOKENIZER_NAMES)}."
             )
-        compile_mode = model.get("compile_mode", "default")
-        if compile_mode not in COMPILE_MODES:
-            raise ConfigError(
-                f"model.compile_mode={compile_mode!r} is unknown: use one of "
-                f"{', '.join(COMPILE_MODES)}."
-            )
+        compile_mode = check_compile_mode(model.get("compile_mode", "default"))
         compile = model.get("compile", False)
         if not isinstance(compile, bool):
             raise ConfigError(f"model.compile={compile!r} must be true or false.")

@@ -308,10 +308,13 @@ def winner(rows: Sequence[dict[str, Any]]) -> str:
     return f"Best: run {best['run']}, val loss {format_cell(best['best_val_loss'])}: {overrides}"
 
 
-def write_summary(sweep_dir: Path) -> list[Path]:
-    """Write summary.csv, summary.md and summary.png into `sweep_dir`; return their paths."""
+def write_summary(sweep_dir: Path, rows: list[dict[str, Any]] | None = None) -> list[Path]:
+    """Write summary.csv, summary.md and summary.png into `sweep_dir`; return their paths.
+
+    `rows`: the sweep's ranked rows, where the caller has read them already.
+    """
     sweep_dir = Path(sweep_dir)
-    rows = summary_rows(sweep_dir)
+    rows = summary_rows(sweep_dir) if rows is None else rows
     csv_path, md_path, png_path = (sweep_dir / name for name in SUMMARY_FILES)
     write_csv(rows, csv_path)
     write_markdown(rows, sweep_dir, md_path)
@@ -355,8 +358,9 @@ class SweepSummary(Callback):
         """The ranked rows, after writing them to the summary files; none if that failed."""
         # A summary that cannot be written must not stop the sweep that it describes.
         try:
-            write_summary(sweep_dir)
-            return summary_rows(sweep_dir)
+            rows = summary_rows(sweep_dir)
+            write_summary(sweep_dir, rows)
+            return rows
         except Exception:
             log.exception("Could not write the sweep summary in %s", sweep_dir)
             return []

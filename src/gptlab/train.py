@@ -14,15 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.checkpoints import AtomicCheckpointIO, SavedRun, checkpoint_to_resume, saved_step
+from gptlab.callbacks import checkpoint_callback
+from gptlab.checkpoints import (
+    AtomicCheckpointIO,
+    SavedRun,
+    checkpoint_to_resume,
+    last_checkpoint,
+    saved_step,
+)
 from gptlab.data import GPTDataModule
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
 from gptlab.generation import check_sampling, continue_prompt, encode_prompt
@@ -31,7 +38,7 @@ from gptlab.model import count_parameters
 from gptlab.module import GPTLightningModule, check_vocab_size
 from gptlab.monitor import TrainingMonitor
 from gptlab.runs import owned, requeued_checkpoint
-from gptlab.settings import RunSettings
+from gptlab.settings import RunSettings, configure_matmul_precision
 from gptlab.sweep import RunRecord, error_line, status_of, write_run_record
 from gptlab.tokenizers import GPT2Tokenizer
 
@@ -46,7 +53,7 @@ OPTIMIZED_METRICS: dict[str, Callable[[RunRecord], float]] = {
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def validate(cfg: DictConfig) -> tuple[RunSettings, GPTDataModule]:
+def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSettings, GPTDataModule]:
     """Check what can be checked without data, so mistakes cost seconds, not a data load.
 
     The data module is built (not loaded) here, which checks the data group's values.
@@ -64,21 +71,28 @@ def validate(cfg: DictConfig) -> tuple[RunSettings, GPTDataModule]:
         )
     # The world size is known once the Trainer is; a single process is checked here.
     settings.optimizer.accumulation(datamodule.batch_size, datamodule.context_length, 1)
-    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
-    if ckpt_path:
-        SavedRun.read(ckpt_path).check_fits(settings.model, settings.tokenizer)
+    if resumed is not None:
+        resumed.check_fits(settings.model, settings.tokenizer)
     if cfg.get("init_from"):
         find_initial_weights(cfg.init_from)
     return settings, datamodule
 
 
-def configure_matmul_precision(device_type: str) -> None:
-    """TF32 for float32 matmuls on CUDA (bf16-mixed leaves some ops, e.g. the loss, in fp32).
+def run_to_resume(cfg: DictConfig, run_dir: Path) -> SavedRun | None:
+    """The run this one continues: `resume=`, `ckpt_path=`, or a requeued SLURM job's own."""
+    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
+    ckpt_path = ckpt_path or requeued_checkpoint(run_dir)
+    return SavedRun.read(ckpt_path) if ckpt_path else None
 
-    Set before the Trainer exists, which otherwise warns about unused Tensor Cores.
-    """
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")
+
+def instantiate_ours(node: DictConfig) -> object:
+    """Hydra wraps what a constructor raises; gptlab's own ConfigError stays a one-line error."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def build_trainer(cfg: DictConfig, settings: RunSettings, datamodule: GPTDataModule) -> L.Trainer:
@@ -90,8 +104,8 @@ def build_trainer(cfg: DictConfig, settings: RunSettings, datamodule: GPTDataMod
     if SLURMEnvironment.detect():
         # gptlab's GracefulInterrupt saves at a step boundary and requeues on SIGUSR1.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
+    callbacks = [instantiate_ours(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate_ours(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     try:
         trainer = L.Trainer(
             **settings.trainer.lightning_options(),
@@ -109,7 +123,7 @@ def build_trainer(cfg: DictConfig, settings: RunSettings, datamodule: GPTDataMod
         datamodule.batch_size, datamodule.context_length, trainer.world_size
     )
     for key, value in settings.trainer.lightning_options(accumulation).items():
-        if key in ("accumulate_grad_batches", "val_check_interval", "check_val_every_n_epoch"):
+        if key in ("accumulate_grad_batches", "val_check_interval"):
             setattr(trainer, key, value)
     return trainer
 
@@ -182,11 +196,12 @@ def run(cfg: DictConfig) -> float:
     """
     run_dir = Path(cfg.paths.output_dir)
     with owned(run_dir):
-        resuming = bool(cfg.get("resume") or cfg.get("ckpt_path") or requeued_checkpoint(run_dir))
-        recorder = RunRecorder(run_dir, task_overrides(), resuming)
+        # A resume that fails here leaves the earlier run's record as it was.
+        resumed = run_to_resume(cfg, run_dir)
+        recorder = RunRecorder(run_dir, task_overrides(), resuming=resumed is not None)
         try:
-            settings, datamodule = validate(cfg)
-            fit(cfg, settings, datamodule, recorder)
+            settings, datamodule = validate(cfg, resumed)
+            fit(cfg, settings, datamodule, recorder, resumed)
         except TrainingInterrupted as err:
             recorder.end(status_of(err), err)
             err.resume_hint = resume_hint(run_dir)
@@ -206,7 +221,7 @@ def run(cfg: DictConfig) -> float:
 
 
 def resume_hint(run_dir: Path) -> str:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     kept = f" ({last.name} holds step {saved_step(last)})" if last.is_file() else ""
     return f"Continue with `python scripts/train.py <same options> resume={run_dir}`{kept}."
 
@@ -221,7 +236,11 @@ def storage_error(err: OSError, run_dir: Path) -> StorageError:
 
 
 def fit(
-    cfg: DictConfig, settings: RunSettings, datamodule: GPTDataModule, recorder: RunRecorder
+    cfg: DictConfig,
+    settings: RunSettings,
+    datamodule: GPTDataModule,
+    recorder: RunRecorder,
+    resumed: SavedRun | None,
 ) -> L.Trainer:
     """Build the Trainer, load the data and the model, validate untrained, fit, report."""
     L.seed_everything(settings.seed, workers=True)
@@ -230,10 +249,8 @@ def fit(
     datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
-    ckpt_path = checkpoint_to_resume(cfg.get("resume"), cfg.get("ckpt_path"))
-    ckpt_path = ckpt_path or requeued_checkpoint(recorder.run_dir)
-    if ckpt_path:
-        SavedRun.read(ckpt_path).check_tokenizer(tokenizer)
+    if resumed is not None:
+        resumed.check_tokenizer(tokenizer)
     prompt = encode_prompt(tokenizer, cfg.prompt, key="prompt")
     module = GPTLightningModule(
         model=settings.model_config(tokenizer.vocab_size),
@@ -253,7 +270,7 @@ def fit(
         f"{len(datamodule.train_tokens):,}",
         f"{len(datamodule.val_tokens):,}",
     )
-    if not ckpt_path:
+    if resumed is None:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
         log.info(
             "Initial val loss %.4f; an untrained model should be near ln(vocab_size) = %.4f",
@@ -261,6 +278,7 @@ def fit(
             math.log(tokenizer.vocab_size),
         )
     recorder.start(trainer)
+    ckpt_path = str(resumed.path) if resumed is not None else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         report(cfg, trainer, module, prompt, best_val_loss(trainer))
@@ -275,16 +293,16 @@ def report(
     result: float,
 ) -> None:
     """What a user wants to see when a run ends: numbers, where things are, a sample."""
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = checkpoint_callback(trainer)
     if math.isfinite(result):
         print(f"Best val loss: {result:.4f} (perplexity {math.exp(result):.2f})")
     if checkpoint is not None:
         print(f"Best checkpoint: {checkpoint.best_model_path}")
-        print(f"Last checkpoint: {checkpoint.dirpath}/last.ckpt")
+        print(f"Last checkpoint: {checkpoint.last_path}")
     print(f"TensorBoard: tensorboard --logdir {cfg.paths.output_dir}")
     # An FSDP model is whole only inside its forward: sample from the saved, whole weights.
     sharded = isinstance(trainer.strategy, FSDPStrategy) and checkpoint is not None
-    model = load_checkpoint(f"{checkpoint.dirpath}/last.ckpt").model if sharded else module.model
+    model = load_checkpoint(checkpoint.last_path).model if sharded else module.model
     tokens = continue_prompt(
         model, prompt, cfg.max_new_tokens, context_length=module.config.context_length
     )

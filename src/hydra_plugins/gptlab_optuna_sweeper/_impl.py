@@ -34,12 +34,15 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from gptlab.atomic import atomic_write_text
+from gptlab.checks import check_count
 from gptlab.errors import ConfigError
 from gptlab.optuna_study import (
     TRIAL_ENV,
+    StorageSpec,
     count_states,
     exclusive,
     fail_stale_trials,
@@ -158,8 +161,7 @@ class OptunaSweep(Sweeper):
                 f"hydra.sweeper.direction={self.direction!r} is unknown: use minimize or maximize."
             )
         for key in ("n_trials", "n_jobs"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"hydra.sweeper.{key}={getattr(self, key)} must be 1 or more.")
+            check_count(f"hydra.sweeper.{key}", getattr(self, key), 1)
         if self.stale_after_s <= 0:
             raise ConfigError(
                 f"hydra.sweeper.stale_after_s={self.stale_after_s} must be positive: it is how "
@@ -224,7 +226,11 @@ class OptunaSweep(Sweeper):
             raise last_error
 
     def ask(
-        self, study: optuna.Study, storage: Any, lock_path: Path | None, space: SearchSpace
+        self,
+        study: optuna.Study,
+        storage: BaseStorage,
+        lock_path: Path | None,
+        space: SearchSpace,
     ) -> list[optuna.Trial]:
         """Up to n_jobs new trials, or none once the study holds n_trials."""
         with exclusive(lock_path):
@@ -268,7 +274,7 @@ class OptunaSweep(Sweeper):
             # Failed as stale by another worker while it ran: keep what the study says.
             return study.get_trials(deepcopy=False)[trial.number].state
 
-    def write_results(self, study: optuna.Study, spec: Any) -> None:
+    def write_results(self, study: optuna.Study, spec: StorageSpec) -> None:
         """`optimization_results.yaml` in the sweep directory: the best trial so far."""
         trials = study.get_trials(deepcopy=False)
         results: dict[str, Any] = {

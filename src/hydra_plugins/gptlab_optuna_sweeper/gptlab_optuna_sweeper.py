@@ -3,8 +3,6 @@ so that gptlab without the sweep extra still starts without plugin warnings."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -12,7 +10,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from gptlab.errors import EXIT_CONFIG_ERROR, ConfigError
+from gptlab.errors import ConfigError, exit_with_message
 
 T = TypeVar("T")
 
@@ -23,10 +21,7 @@ def report_config_error(call: Callable[[], T]) -> T:
     try:
         return call()
     except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+        exit_with_message(err)
 
 
 class GptlabOptunaSweeper(Sweeper):
