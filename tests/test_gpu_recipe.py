@@ -108,7 +108,6 @@ def test_clipping_bounds_the_gradients_the_fused_step_uses(tmp_path: Path) -> No
     assert float(module.grad_norm) > 10 * 1e-3, "the logged norm is the one before clipping"
 
 
-@pytest.mark.slow
 @needs_compiler
 def test_the_gpu_recipe_runs_through_the_script_on_a_cpu(tmp_path: Path) -> None:
     result = run_script(

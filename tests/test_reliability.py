@@ -223,7 +223,6 @@ def started_training(run_dir: Path) -> bool:
     return running and len(list(run_dir.glob("events.out.tfevents.*"))) >= 2
 
 
-@pytest.mark.slow
 def test_sigterm_saves_marks_the_run_interrupted_and_says_how_to_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = start(*SIGNAL_RUN, f"hydra.run.dir={run_dir}", log=tmp_path / "run.log")

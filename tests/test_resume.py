@@ -97,7 +97,6 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     return run_dir, resumed.stdout + resumed.stderr
 
 
-@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(
     uninterrupted: Path, killed_and_resumed: tuple[Path, str]
 ) -> None:
@@ -112,7 +111,6 @@ def test_resume_after_kill_matches_an_uninterrupted_run(
     assert "not resumable" not in output, "Lightning did not restore the data-loader position"
 
 
-@pytest.mark.slow
 def test_resume_continues_in_the_same_run_directory(
     killed_and_resumed: tuple[Path, str],
 ) -> None:
