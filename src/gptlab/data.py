@@ -63,6 +63,12 @@ class TokenWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+def check_stride(key: str, stride: Any) -> None:
+    """Tokens between window starts; null means the context length, so windows do not overlap."""
+    if stride is not None:
+        check_count(key, stride, 1, ", or null for the context length (no overlap)")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoaderSettings:
     """How the token stream is split and served: the loader keys of the `data` group."""
@@ -80,10 +86,7 @@ class LoaderSettings:
     def __post_init__(self) -> None:
         check_count("data.batch_size", self.batch_size, 1)
         check_count("data.num_workers", self.num_workers, 0)
-        if self.stride is not None:
-            check_count(
-                "data.stride", self.stride, 1, ", or null for the context length (no overlap)"
-            )
+        check_stride("data.stride", self.stride)
         ratio = self.train_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1:
             raise ConfigError(f"data.train_ratio={ratio!r} must be between 0 and 1, e.g. 0.9.")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gptlab.checks import check_count
-from gptlab.data import GPTDataModule, LoaderSettings, TokenWindows
+from gptlab.data import GPTDataModule, LoaderSettings, TokenWindows, check_stride
 from gptlab.errors import ConfigError
 from gptlab.loading import load_model
 from gptlab.prepared import TokenFile
@@ -188,8 +188,7 @@ def check_evaluate_config(cfg: DictConfig) -> LoaderSettings | None:
     if not has_data:
         # Checked under their own names: here they are not the data.* keys LoaderSettings names.
         check_count("batch_size", cfg.batch_size, 1)
-        if cfg.stride is not None:
-            check_count("stride", cfg.stride, 1, ", or null for the context length (no overlap)")
+        check_stride("stride", cfg.stride)
         return LoaderSettings(batch_size=cfg.batch_size, stride=cfg.stride)
     return None
 
