@@ -28,6 +28,7 @@ from gptlab.errors import ConfigError, TrainingInterrupted  # noqa: E402
 from gptlab.optuna_study import (  # noqa: E402
     HEARTBEAT_ATTR,
     fail_stale_trials,
+    hyperband_in_steps,
     make_pruner,
     open_storage,
     parse_storage,
@@ -123,6 +124,15 @@ def test_storage_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         make_pruner("median", {"min_steps": 3})
 
 
+def test_hyperband_rungs_default_to_the_first_validation_and_the_run_length() -> None:
+    assert hyperband_in_steps({}, 50, 1000) == {"min_resource": 50, "max_resource": 1000}
+    given = {"min_resource": 100, "reduction_factor": 4}
+    assert hyperband_in_steps(given, 50, 1000) == {**given, "max_resource": 1000}
+    assert hyperband_in_steps({}, 50, -1) == {"min_resource": 50}  # Optuna's auto: 1st trial
+    with pytest.raises(ConfigError, match=r"fraction of an epoch.*pruner_args\.min_resource"):
+        hyperband_in_steps({}, None, 1000)
+
+
 def test_a_pruned_run_ends_as_pruned_not_failed() -> None:
     pruned = optuna.TrialPruned("Trial 3 pruned at step 50: val/loss 2.9 is not promising")
     assert status_of(pruned) == "pruned"
@@ -173,11 +183,23 @@ def test_three_trial_sweep_stores_its_study_in_the_sweep_dir(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_pruning_stops_a_hopeless_trial_and_records_it_as_pruned(tmp_path: Path) -> None:
-    """A trial that learns, then one whose learning rate is far too small: the median pruner
-    stops the second at its first validation. Both sweeps share one sqlite study; the second
-    runs its trial in another process (submitit's local launcher), which finds the trial
-    through the storage and reports to it from there."""
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        ("hydra.sweeper.pruner=median", "+hydra.sweeper.pruner_args.n_startup_trials=1"),
+        # No pruner_args: with Optuna's own min_resource (1 step) the two trials would fall
+        # in different brackets and never be compared, and the second would run to the end.
+        ("hydra.sweeper.pruner=hyperband",),
+    ],
+    ids=["median", "hyperband"],
+)
+def test_pruning_stops_a_hopeless_trial_and_records_it_as_pruned(
+    tmp_path: Path, pruner: tuple[str, ...]
+) -> None:
+    """A trial that learns, then one whose learning rate is far too small: the pruner stops
+    the second at its first validation. Both sweeps share one sqlite study; the second runs
+    its trial in another process (submitit's local launcher), which finds the trial through
+    the storage and reports to it from there."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the sweep extra")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     common = (
@@ -185,8 +207,7 @@ def test_pruning_stops_a_hopeless_trial_and_records_it_as_pruned(tmp_path: Path)
         "optimizer.weight_decay=0.1",
         "model.drop_rate=0.0",
         f"hydra.sweeper.storage={storage}",
-        "hydra.sweeper.pruner=median",
-        "+hydra.sweeper.pruner_args.n_startup_trials=1",
+        *pruner,
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     good = run_script("train.py", *common, "optimizer.lr=3e-3", "hydra.sweeper.n_trials=1")

@@ -120,6 +120,30 @@ def make_pruner(name: str, args: dict[str, Any] | None = None) -> optuna.pruners
     return cls(**args)
 
 
+def hyperband_in_steps(
+    args: dict[str, Any], first_validation: int | None, max_steps: int
+) -> dict[str, Any]:
+    """Hyperband's `pruner_args` with its resource bounds, in optimizer steps, filled in.
+
+    Optuna's defaults (min_resource 1, max_resource from the first finished trial) split a
+    1,000-step search into 7 brackets whose trials are never compared with each other's; the
+    first validation and the run's length give one rung per validation that can prune.
+    """
+    args = dict(args)
+    if "min_resource" not in args:
+        if first_validation is None:
+            raise ConfigError(
+                "hydra.sweeper.pruner=hyperband takes its first rung from the first validation, "
+                "but trainer.val_check_interval is a fraction of an epoch: validate every N "
+                "steps (e.g. trainer.val_check_interval=100) or give the rung in steps, "
+                "+hydra.sweeper.pruner_args.min_resource=100."
+            )
+        args["min_resource"] = first_validation
+    if "max_resource" not in args and max_steps > 0:
+        args["max_resource"] = max_steps
+    return args
+
+
 def make_sampler(
     seed: int | None, offset: int, n_startup_trials: int
 ) -> optuna.samplers.TPESampler:

@@ -17,7 +17,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from gptlab.errors import ConfigError
-from gptlab.optuna_study import TRIAL_ENV, find_trial, make_pruner, open_storage, parse_storage
+from gptlab.optuna_study import (
+    TRIAL_ENV,
+    find_trial,
+    hyperband_in_steps,
+    make_pruner,
+    open_storage,
+    parse_storage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +56,25 @@ class OptunaPruning(Callback):
         self.spec = parse_storage(storage, Path(sweep_dir))
         self.study_name = study_name
         self.trial_number = int(trial_number)
-        self.pruner = make_pruner(pruner, pruner_args)
+        self.pruner_name = pruner
+        self.pruner_args = dict(pruner_args or {})
+        make_pruner(pruner, self.pruner_args)  # bad arguments fail before the run starts
         self.monitor = monitor
         self.trial: optuna.Trial | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING or not trainer.is_global_zero or self.trial is not None:
             return
+        args = self.pruner_args
+        if self.pruner_name == "hyperband":
+            interval = trainer.val_check_interval
+            first_validation = (
+                interval // trainer.accumulate_grad_batches if isinstance(interval, int) else None
+            )
+            args = hyperband_in_steps(args, first_validation, trainer.max_steps)
+        pruner = make_pruner(self.pruner_name, args)
         storage = open_storage(self.spec)
-        study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner)
+        study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)
         self.trial = find_trial(study, storage, self.trial_number)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
