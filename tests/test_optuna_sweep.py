@@ -233,6 +233,42 @@ def test_pruning_stops_a_hopeless_trial_and_records_it_as_pruned(
     assert [(r["run"], r["status"]) for r in rows] == [("0", "completed"), ("1", "pruned")]
 
 
+def test_a_trial_pruned_at_a_later_validation_records_its_best_val_loss_so_far(
+    tmp_path: Path,
+) -> None:
+    """Pruned at its second validation, before the checkpoint callback saw that validation's
+    score: the record and the summary still count it."""
+    sweep_dir = tmp_path / "sweep"
+    study = optuna.create_study(
+        storage=open_storage(parse_storage(None, sweep_dir)), study_name="gptlab"
+    )
+    # A finished trial far better at every validation: the median pruner's yardstick.
+    study.add_trial(
+        optuna.trial.create_trial(value=0.5, intermediate_values={10: 0.5, 20: 0.5, 40: 0.5})
+    )
+    result = run_script(
+        "train.py",
+        *SWEEP,
+        "trainer.val_check_interval=10",
+        "optimizer.lr=3e-3",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=median",
+        "+hydra.sweeper.pruner_args.n_startup_trials=1",
+        "+hydra.sweeper.pruner_args.n_warmup_steps=11",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    reported = load(None, sweep_dir).trials[1].intermediate_values
+    assert list(reported) == [10, 20]
+    assert reported[20] < reported[10], "the trial must still be learning at step 20"
+    pruned = record(job_dir(sweep_dir, 1))
+    assert (pruned["status"], pruned["steps"]) == ("pruned", 20)
+    assert pruned["best_val_loss"] == pytest.approx(reported[20])
+    row = read_csv(sweep_dir / "summary.csv")[0]
+    assert float(row["best_val_loss"]) == pytest.approx(reported[20], abs=1e-4)
+
+
 @pytest.mark.slow
 def test_failing_trials_are_told_fail_and_the_sweep_fails_only_if_all_did(tmp_path: Path) -> None:
     result = run_script(

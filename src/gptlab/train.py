@@ -129,10 +129,15 @@ def build_trainer(cfg: DictConfig, settings: RunSettings, datamodule: GPTDataMod
 
 
 def best_val_loss(trainer: L.Trainer) -> float:
+    """The lowest val loss so far, the last validation's included: a pruner stops a run inside
+    that validation, before the checkpoint callback has seen its score."""
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.best_model_score is not None:
-        return float(checkpoint.best_model_score)
-    return float(trainer.callback_metrics.get("val/loss", float("nan")))
+    scores = [
+        trainer.callback_metrics.get("val/loss"),
+        checkpoint.best_model_score if checkpoint is not None else None,
+    ]
+    finite = [float(s) for s in scores if s is not None and math.isfinite(float(s))]
+    return min(finite, default=float("nan"))
 
 
 def task_overrides() -> list[str]:
