@@ -159,8 +159,13 @@ def make_sampler(
 
 def find_trial(study: optuna.Study, storage: BaseStorage, number: int) -> optuna.Trial:
     """Trial `number` of `study`, to report to from a job that did not ask for it."""
-    study_id = storage.get_study_id_from_name(study.study_name)
-    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    return optuna.Trial(study, trial_id(storage, study.study_name, number))
+
+
+def trial_id(storage: BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of trial `number`, through its public API (not `Trial._trial_id`)."""
+    study_id = storage.get_study_id_from_name(study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 @contextlib.contextmanager
@@ -200,7 +205,7 @@ def fail_stale_trials(study: optuna.Study, storage: BaseStorage, stale_after_s: 
             continue
         try:
             storage.set_trial_user_attr(
-                trial._trial_id,
+                trial_id(storage, study.study_name, trial.number),
                 "fail_reason",
                 f"no heartbeat for {silent:.0f} s: the sweep running it was stopped",
             )
@@ -218,10 +223,10 @@ def heartbeat(storage: BaseStorage, trial_ids: Sequence[int], interval_s: float)
 
     def beat() -> None:
         while True:
-            for trial_id in trial_ids:
+            for storage_id in trial_ids:
                 # The trial may have finished (or been failed by another worker) meanwhile.
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-                    storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                    storage.set_trial_system_attr(storage_id, HEARTBEAT_ATTR, time.time())
             if stop.wait(interval_s):
                 return
 

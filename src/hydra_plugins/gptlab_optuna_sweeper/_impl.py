@@ -51,6 +51,7 @@ from gptlab.optuna_study import (
     make_sampler,
     open_storage,
     parse_storage,
+    trial_id,
 )
 from gptlab.sweep import error_line
 
@@ -206,11 +207,7 @@ class OptunaSweep(Sweeper):
         while trials := self.ask(study, storage, spec.lock_path, space):
             overrides = [self.job_overrides(space, trial) for trial in trials]
             self.validate_batch_is_legal(overrides)
-            study_id = storage.get_study_id_from_name(self.study_name)
-            trial_ids = [
-                storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-                for trial in trials
-            ]
+            trial_ids = [trial_id(storage, self.study_name, trial.number) for trial in trials]
             try:
                 with heartbeat(storage, trial_ids, self.stale_after_s / 4):
                     returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
