@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gptlab.errors import ConfigError
 
@@ -200,6 +201,8 @@ class GPTModel(nn.Module):
         )
         self.final_norm = nn.LayerNorm(config.emb_dim)
         self.out_head = nn.Linear(config.emb_dim, config.padded_vocab_size, bias=False)
+        # Recompute each block's activations in the backward (less memory, more compute).
+        self.checkpoint_activations = False
         if config.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         if config.init == "gpt2":
@@ -236,12 +239,16 @@ class GPTModel(nn.Module):
             )
         positions = torch.arange(start, start + n_tokens, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.trf_blocks:
-            x = block(x, cache)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache)
         if cache is not None:
             cache.length += n_tokens
+        logits = self.out_head(self.final_norm(x))
+        if self.config.padded_vocab_size == self.config.vocab_size:
+            return logits
         # Padded rows are no tokens: their logits never reach the loss or a sampler.
-        return self.out_head(self.final_norm(x))[..., : self.config.vocab_size]
+        return logits[..., : self.config.vocab_size]
 
 
 class BigramModel(nn.Module):

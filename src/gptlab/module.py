@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -9,12 +10,14 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 from gptlab.errors import ConfigError
 from gptlab.model import GPTConfig, build_model
 from gptlab.optim import OptimizerSettings, build_adamw
+from gptlab.sharding import global_norm, is_sharded, shard_model
 from gptlab.tokenizers import Tokenizer, tokenizer_from_dict
+
+log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -50,19 +53,17 @@ def check_compile_mode(compile_mode: Any) -> str:
     return compile_mode
 
 
-def gradient_norm(root: torch.nn.Module, module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+def gradient_norm(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm, clipping to `max_norm` (inf: measure only), without a host sync.
 
-    FSDP holds each rank's shard of the gradients, so only its root can compute the global
-    norm; every other strategy has whole gradients on each rank.
+    Under FSDP each rank holds a shard of every gradient: the norm of the shards is reduced
+    over the ranks before any clipping, so every rank clips by the same, true global norm.
     """
-    if isinstance(root, FullyShardedDataParallel):
-        return root.clip_grad_norm_(max_norm)
-    if math.isinf(max_norm):
-        return torch.nn.utils.get_total_norm(
-            [p.grad for p in module.parameters() if p.grad is not None]
-        )
-    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    norm = global_norm(torch.nn.utils.get_total_norm(grads))
+    if not math.isinf(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(module.parameters(), max_norm, norm)
+    return norm
 
 
 class GPTLightningModule(L.LightningModule):
@@ -75,6 +76,7 @@ class GPTLightningModule(L.LightningModule):
         tokenizer: dict,
         compile: bool = False,
         compile_mode: str = "default",
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.config = model if isinstance(model, GPTConfig) else GPTConfig(**model)
@@ -88,12 +90,13 @@ class GPTLightningModule(L.LightningModule):
                 "tokenizer": tokenizer,
                 "compile": compile,
                 "compile_mode": compile_mode,
+                "activation_checkpointing": activation_checkpointing,
             }
         )
         self.tokenizer = tokenizer_from_dict(tokenizer)
         check_vocab_size(self.config.vocab_size, self.tokenizer)
         self.model = build_model(self.config)
-        self.matrix_names = {name for name, p in self.named_parameters() if p.dim() >= 2}
+        self.model.checkpoint_activations = activation_checkpointing
         # The model is passed in, not compiled itself, so state_dict keys keep no `_orig_mod.`
         # and checkpoints load into uncompiled models; generation stays eager.
         self.loss_of = torch.compile(model_loss, mode=compile_mode) if compile else model_loss
@@ -130,6 +133,21 @@ class GPTLightningModule(L.LightningModule):
         # Loggers take a metric named "step" as the x value: the optimizer steps taken, the
         # number that checkpoint names and the Text tab show too (Lightning would say one less).
         self.log("step", float(self.trainer.global_step))
+        if self.trainer.sanity_checking:
+            self.log_untrained(float(loss))
+
+    def log_untrained(self, loss: float) -> None:
+        """The untrained model's validation, which gptlab runs as Lightning's sanity check so
+        that every strategy has wrapped the model before it. Lightning sends no sanity-check
+        metric to the loggers, so step 0 is written to them here."""
+        for logger in self.loggers:
+            logger.log_metrics({"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0))}, step=0)
+        if self.trainer.is_global_zero:
+            log.info(
+                "Initial val loss %.4f; an untrained model should be near ln(vocab_size) = %.4f",
+                loss,
+                math.log(self.config.vocab_size),
+            )
 
     def configure_gradient_clipping(
         self,
@@ -150,7 +168,15 @@ class GPTLightningModule(L.LightningModule):
             )
             return
         max_norm = float(gradient_clip_val) if gradient_clip_val else math.inf
-        self.grad_norm = gradient_norm(self.trainer.strategy.model, self, max_norm).detach()
+        self.grad_norm = gradient_norm(self, max_norm).detach()
+
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp` Lightning hands the module a device mesh: shard with FSDP2,
+        gathering in bf16 under bf16-mixed. Called again by a later validate or test."""
+        if self.device_mesh is None or is_sharded(self.model):
+            return
+        bf16 = str(self.trainer.precision).startswith("bf16")
+        shard_model(self.model, self.device_mesh["data_parallel"], torch.bfloat16 if bf16 else None)
 
     def configure_optimizers(self):
         settings = self.optimizer_settings

@@ -21,8 +21,6 @@ from gptlab.errors import ConfigError
 SCHEDULES = ("constant", "cosine")
 # Lightning's precision whose GradScaler unscales fused AdamW's gradients inside its step.
 SCALED_PRECISION = "16-mixed"
-# FSDP flattens its shards and prefixes their names with this.
-FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +151,12 @@ class OptimizerSettings:
 def adamw_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices and embeddings only, never on biases or LayerNorm gains.
 
-    Decided by the parameters' shapes before any wrapping: FSDP flattens its shards to 1-D, so
-    the names of the >= 2-D parameters are taken from `module.matrix_names` when it has them.
+    FSDP2's sharded parameters keep their full shapes, so the rule holds under FSDP too.
     """
-    named = [(name.replace(FSDP_PREFIX, ""), p) for name, p in module.named_parameters()]
-    matrices = getattr(module, "matrix_names", None) or {n for n, p in named if p.dim() >= 2}
+    params = list(module.parameters())
     return [
-        {"params": [p for name, p in named if name in matrices], "weight_decay": weight_decay},
-        {"params": [p for name, p in named if name not in matrices], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
 
