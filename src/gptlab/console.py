@@ -50,6 +50,8 @@ DECIDED_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # data.num_workers=0 is deliberate: windows are slices of a token tensor in memory, so
     # worker processes would add start-up time and memory, not speed.
     (r"The '\w+' does not have many workers", PossibleUserWarning, ""),
+    # The module reduces the val loss over ranks itself (token-weighted), before logging it.
+    (r"It is recommended to use `self\.log\('(val/\w+|step)'", UserWarning, ""),
     # Lightning counts log_every_n_steps over the whole run, not per epoch, so runs of many
     # short epochs (data=verdict) still log their train loss every log_every_n_steps steps.
     (

@@ -81,11 +81,20 @@ class RunProgressBar(TQDMProgressBar):
             bar_format=self.BAR_FORMAT,
         )
 
+    @property
+    def sanity_check_description(self) -> str:
+        return "Validating the untrained model"
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        """gptlab's sanity check is the untrained model's validation, drawn as one."""
+        return self.init_validation_tqdm()
+
     def init_validation_tqdm(self) -> Tqdm:
         """Below the training bar, and gone when done: val/loss goes to the training postfix."""
-        has_main_bar = self.trainer.state.fn != "validate"
+        sanity = self.trainer.sanity_checking
+        has_main_bar = self.trainer.state.fn != "validate" and not sanity
         return Tqdm(
-            desc=self.validation_description,
+            desc=self.sanity_check_description if sanity else self.validation_description,
             position=2 * self.process_position + has_main_bar,
             disable=self.is_disabled,
             leave=False,

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.checks import check_count, is_count, is_number, reject_unknown
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MODEL_KEYS = {field.name for field in dataclasses.fields(GPTConfig)}
 # Keys of the `model` group that say how a run uses the model, not what the model is.
-RUN_MODEL_KEYS = {"tokenizer", "lr", "compile", "compile_mode"}
+RUN_MODEL_KEYS = {"tokenizer", "lr", "compile", "compile_mode", "activation_checkpointing"}
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 # Lightning's older spellings of the same precisions.
 PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
@@ -133,6 +135,7 @@ class TrainerSettings:
 
     options: dict[str, Any]
     val_every: int | float
+    processes_per_node: int
 
     @classmethod
     def from_mapping(cls, trainer: Mapping[str, Any]) -> TrainerSettings:
@@ -164,10 +167,18 @@ class TrainerSettings:
                 f"trainer.limit_val_batches={limit!r} must be a number of batches (e.g. 10) or a "
                 f"fraction of the val split in (0, 1] (1.0: all of it)."
             )
+        if "num_sanity_val_steps" in options:
+            raise ConfigError(
+                "trainer.num_sanity_val_steps is set by gptlab: every new run validates its "
+                "untrained model in full (step 0) and a resumed run does not. Remove the key."
+            )
+        check_count("trainer.num_nodes", options.get("num_nodes", 1), 1)
         accelerator = check_accelerator(options.get("accelerator", "auto"))
         options["precision"] = resolve_precision(options.get("precision", "auto"), accelerator)
         endless = is_endless(max_steps, max_epochs)
-        return cls(options, val_interval(options.get("val_check_interval"), max_steps, endless))
+        interval = val_interval(options.get("val_check_interval"), max_steps, endless)
+        processes = count_devices(device_type_of(accelerator), options.get("devices", "auto"))
+        return cls(options, interval, processes)
 
     @property
     def endless(self) -> bool:
@@ -182,10 +193,21 @@ class TrainerSettings:
         """Where the run will train, as far as the settings say before the Trainer exists."""
         return device_type_of(self.options.get("accelerator", "auto"))
 
-    def lightning_options(self, accumulation: int | None = None) -> dict[str, Any]:
+    @property
+    def world_size(self) -> int:
+        """Processes the run trains in (devices x nodes), as Lightning will resolve them."""
+        return self.processes_per_node * self.options.get("num_nodes", 1)
+
+    def lightning_options(
+        self, accumulation: int | None = None, validate_untrained: bool = True
+    ) -> dict[str, Any]:
         """Trainer arguments: validations every `val_every` optimizer steps of `accumulation`
         micro-batches each (None: trainer.accumulate_grad_batches), since Lightning counts
-        `val_check_interval` in micro-batches."""
+        `val_check_interval` in micro-batches.
+
+        `validate_untrained`: a new run validates its untrained model in full as Lightning's
+        sanity check, inside `fit`, so that every strategy wraps the model once, before it.
+        """
         accumulation = accumulation or self.options.get("accumulate_grad_batches", 1)
         interval = self.val_every
         if isinstance(interval, int):
@@ -194,7 +216,22 @@ class TrainerSettings:
             **self.options,
             "accumulate_grad_batches": accumulation,
             "val_check_interval": interval,
+            "num_sanity_val_steps": -1 if validate_untrained else 0,
         }
+
+
+def count_devices(device_type: str, devices: Any) -> int:
+    """How many processes `trainer.devices` starts on each node, resolved as Lightning does."""
+    accelerator = CUDAAccelerator if device_type == "cuda" else CPUAccelerator
+    try:
+        if devices == "auto":
+            return accelerator.auto_device_count()
+        return len(accelerator.get_parallel_devices(accelerator.parse_devices(devices)))
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError(
+            f"trainer.devices={devices!r} does not work here: {str(err).strip()} Use auto, a "
+            f"number of devices >= 1 (processes, on a CPU), or a list of GPU indices."
+        ) from None
 
 
 def is_endless(max_steps: int, max_epochs: int | None) -> bool:
@@ -243,6 +280,7 @@ class RunSettings:
     tokenizer: str
     compile: bool
     compile_mode: str
+    activation_checkpointing: bool
     optimizer: OptimizerSettings
     trainer: TrainerSettings
     seed: int
@@ -258,8 +296,10 @@ class RunSettings:
             )
         compile_mode = check_compile_mode(model.get("compile_mode", "default"))
         compile = model.get("compile", False)
-        if not isinstance(compile, bool):
-            raise ConfigError(f"model.compile={compile!r} must be true or false.")
+        checkpointing = model.get("activation_checkpointing", False)
+        for key, value in (("compile", compile), ("activation_checkpointing", checkpointing)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.{key}={value!r} must be true or false.")
         fields = model_settings(model, vocab_size=None)
         # The vocabulary may follow the tokenizer; the other fields are checked already.
         GPTConfig(**{**fields, "vocab_size": fields["vocab_size"] or 1})
@@ -288,7 +328,9 @@ class RunSettings:
             raise ConfigError(
                 f"seed={seed!r} must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}."
             )
-        return cls(fields, tokenizer, compile, compile_mode, optimizer, trainer, seed)
+        return cls(
+            fields, tokenizer, compile, compile_mode, checkpointing, optimizer, trainer, seed
+        )
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model, its vocabulary taken from the tokenizer unless the config fixes it."""

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,6 +32,7 @@ from gptlab.checkpoints import (
 )
 from gptlab.data import GPTDataModule
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
+from gptlab.flops import device_name
 from gptlab.generation import check_sampling, continue_prompt, encode_prompt
 from gptlab.loading import find_initial_weights, load_checkpoint, load_initial_weights
 from gptlab.model import count_parameters
@@ -39,6 +40,7 @@ from gptlab.module import GPTLightningModule, check_vocab_size
 from gptlab.monitor import TrainingMonitor
 from gptlab.runs import owned, requeued_checkpoint
 from gptlab.settings import RunSettings, configure_matmul_precision
+from gptlab.sharding import is_sharded
 from gptlab.sweep import RunRecord, error_line, status_of, write_run_record
 from gptlab.tokenizers import GPT2Tokenizer
 
@@ -69,8 +71,9 @@ def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSetti
             f"optimized_metric={cfg.optimized_metric!r} is unknown: use one of "
             f"{', '.join(OPTIMIZED_METRICS)}."
         )
-    # The world size is known once the Trainer is; a single process is checked here.
-    settings.optimizer.accumulation(datamodule.batch_size, datamodule.context_length, 1)
+    settings.optimizer.accumulation(
+        datamodule.batch_size, datamodule.context_length, settings.trainer.world_size
+    )
     if resumed is not None:
         resumed.check_fits(settings.model, settings.tokenizer)
     if cfg.get("init_from"):
@@ -95,11 +98,38 @@ def instantiate_ours(node: DictConfig) -> object:
         raise
 
 
-def build_trainer(cfg: DictConfig, settings: RunSettings, datamodule: GPTDataModule) -> L.Trainer:
-    """The Trainer with its callbacks and loggers; steps are optimizer steps throughout."""
-    options = dict(settings.trainer.options)
+def build_strategy(node: dict, world_size: int) -> object:
+    """A strategy from its config. ModelParallelStrategy's `data_parallel_size: null` (what
+    `trainer=fsdp` sets) shards over every process: FSDP2 alone, no tensor parallelism."""
+    if node.get("save_distributed_checkpoint"):
+        raise ConfigError(
+            "trainer.strategy.save_distributed_checkpoint=true writes each rank's shard into a "
+            "folder, which gptlab's resume, generate.py and evaluate.py do not read: keep it "
+            "false (one consolidated checkpoint file, gathered on rank 0)."
+        )
+    if "data_parallel_size" in node and node["data_parallel_size"] is None:
+        node = {**node, "data_parallel_size": world_size}
+    return instantiate(node, _convert_="all")
+
+
+def build_trainer(
+    cfg: DictConfig,
+    settings: RunSettings,
+    datamodule: GPTDataModule,
+    resumed: SavedRun | None = None,
+) -> L.Trainer:
+    """The Trainer with its callbacks and loggers; steps are optimizer steps throughout.
+
+    Everything is decided before it is built (accumulation from the world size, the untrained
+    validation for new runs only), so nothing is changed on it afterwards.
+    """
+    world_size = settings.trainer.world_size
+    accumulation = settings.optimizer.accumulation(
+        datamodule.batch_size, datamodule.context_length, world_size
+    )
+    options = settings.trainer.lightning_options(accumulation, validate_untrained=not resumed)
     if isinstance(options.get("strategy"), dict):
-        options["strategy"] = instantiate(options["strategy"], _convert_="all")
+        options["strategy"] = build_strategy(options["strategy"], world_size)
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # gptlab's GracefulInterrupt saves at a step boundary and requeues on SIGUSR1.
@@ -107,25 +137,12 @@ def build_trainer(cfg: DictConfig, settings: RunSettings, datamodule: GPTDataMod
     callbacks = [instantiate_ours(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate_ours(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     try:
-        trainer = L.Trainer(
-            **settings.trainer.lightning_options(),
-            callbacks=callbacks,
-            logger=loggers or False,
-            plugins=plugins,
-        )
+        return L.Trainer(**options, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     except (ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(
             f"The trainer settings do not work here: {str(err).strip()} Check the trainer.* "
             f"values (see conf/trainer/)."
         ) from None
-    # Known once the Trainer has resolved devices and nodes.
-    accumulation = settings.optimizer.accumulation(
-        datamodule.batch_size, datamodule.context_length, trainer.world_size
-    )
-    for key, value in settings.trainer.lightning_options(accumulation).items():
-        if key in ("accumulate_grad_batches", "val_check_interval"):
-            setattr(trainer, key, value)
-    return trainer
 
 
 def best_val_loss(trainer: L.Trainer) -> float:
@@ -189,6 +206,9 @@ class RunRecorder:
             record.steps = self.trainer.global_step
             record.tokens_seen = monitor.tokens_seen if monitor else None
             record.tokens_per_sec = monitor.run_tokens_per_sec if monitor else None
+            record.device = device_name(self.trainer.strategy.root_device)
+            record.precision = str(self.trainer.precision)
+            record.float32_matmul_precision = torch.get_float32_matmul_precision()
         if self.training or not self.resuming:
             self.write(record)
         return record
@@ -247,10 +267,11 @@ def fit(
     recorder: RunRecorder,
     resumed: SavedRun | None,
 ) -> L.Trainer:
-    """Build the Trainer, load the data and the model, validate untrained, fit, report."""
+    """Build the Trainer, load the data and the model, fit (a new run validates its untrained
+    model first, inside `fit`), report."""
     L.seed_everything(settings.seed, workers=True)
     configure_matmul_precision(settings.trainer.device_type)
-    trainer = build_trainer(cfg, settings, datamodule)
+    trainer = build_trainer(cfg, settings, datamodule, resumed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
@@ -263,6 +284,7 @@ def fit(
         tokenizer=tokenizer.to_dict(),
         compile=settings.compile,
         compile_mode=settings.compile_mode,
+        activation_checkpointing=settings.activation_checkpointing,
     )
     if cfg.get("init_from"):
         load_initial_weights(module, cfg.init_from)
@@ -275,13 +297,6 @@ def fit(
         f"{len(datamodule.train_tokens):,}",
         f"{len(datamodule.val_tokens):,}",
     )
-    if resumed is None:
-        initial = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
-        log.info(
-            "Initial val loss %.4f; an untrained model should be near ln(vocab_size) = %.4f",
-            initial,
-            math.log(tokenizer.vocab_size),
-        )
     recorder.start(trainer)
     ckpt_path = str(resumed.path) if resumed is not None else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -306,7 +321,7 @@ def report(
         print(f"Last checkpoint: {checkpoint.last_path}")
     print(f"TensorBoard: tensorboard --logdir {cfg.paths.output_dir}")
     # An FSDP model is whole only inside its forward: sample from the saved, whole weights.
-    sharded = isinstance(trainer.strategy, FSDPStrategy) and checkpoint is not None
+    sharded = is_sharded(module.model) and checkpoint is not None
     model = load_checkpoint(checkpoint.last_path).model if sharded else module.model
     tokens = continue_prompt(
         model, prompt, cfg.max_new_tokens, context_length=module.config.context_length
