@@ -206,7 +206,7 @@ def test_loader_resumes_with_exactly_the_batches_it_had_not_given() -> None:
     for _ in range(5):
         next(batches)
     state = first.state_dict()
-    assert state == {"epoch": 3, "batches": 5}
+    assert state == {"epoch": 3, "windows": 5 * 8}
     rest = [inputs for inputs, _ in batches]
     assert len(rest) == len(first) - 5
 
@@ -215,10 +215,10 @@ def test_loader_resumes_with_exactly_the_batches_it_had_not_given() -> None:
     resumed = [inputs for inputs, _ in second]
     assert len(resumed) == len(rest)
     assert all(torch.equal(a, b) for a, b in zip(resumed, rest, strict=True))
-    assert second.state_dict() == {"epoch": 3, "batches": len(first)}
+    assert second.state_dict() == {"epoch": 3, "windows": len(first) * 8}
 
     # A position saved at the end of an epoch does not cut the next one short.
     third = loader()
-    third.load_state_dict({"epoch": 3, "batches": len(first)})
+    third.load_state_dict({"epoch": 3, "windows": len(first) * 8})
     third.sampler.set_epoch(4)
     assert len(list(third)) == len(first)

@@ -62,13 +62,27 @@ def test_ranks_split_the_epoch_as_distributed_sampler_does(n: int, shuffle: bool
         assert shares == torch_shares
 
 
-def test_skip_drops_the_first_indices_once() -> None:
+def test_start_drops_the_first_positions_once() -> None:
     sampler = ResumableSampler(Windows(50), shuffle=True)
     sampler.set_epoch(1)
     full = list(sampler)
-    sampler.skip = 12
+    sampler.start = 12
     assert list(sampler) == full[12:]
     assert list(sampler) == full
+
+
+def test_start_counts_every_rank_so_a_position_carries_to_another_world_size() -> None:
+    def shares(replicas: int, start: int) -> list[list[int]]:
+        samplers = [ResumableSampler(Windows(50), True, replicas, rank) for rank in range(replicas)]
+        for sampler in samplers:
+            sampler.set_epoch(2)
+            sampler.start = start
+        return [list(sampler) for sampler in samplers]
+
+    (alone,) = shares(1, 0)
+    # Two ranks that have had 12 windows together continue where one process would.
+    first, second = shares(2, 12)
+    assert first[:19] == alone[12:50:2] and second[:19] == alone[13:50:2]
 
 
 def test_huge_dataset_costs_no_memory_per_window() -> None:

@@ -96,12 +96,13 @@ class ResumableSampler(DistributedSampler):
             # The seed Lightning's seed_everything exported, as for the samplers it injects.
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
         )
-        self.skip = 0
+        self.start = 0
 
     def __iter__(self) -> Iterator[int]:
-        """This rank's indices for the epoch, less the first `skip`, which applies once."""
-        start = self.rank + self.skip * self.num_replicas
-        self.skip = 0
+        """This rank's indices for the epoch from position `start` of the epoch's order, which
+        counts the windows every rank together has had and applies once."""
+        start = self.start + self.rank
+        self.start = 0
         step = WindowPermutation.CHUNK * self.num_replicas
         indices = self.epoch_indices()
         for chunk_start in range(start, self.total_size, step):
@@ -142,10 +143,13 @@ class RandomWindowSampler(ResumableSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over a ResumableSampler that checkpoints how many batches of the epoch it gave.
+    """A DataLoader over a ResumableSampler that checkpoints how far into the epoch it is.
 
-    Lightning fetches batches one at a time when the loader has a length, so batches given are
-    batches trained on whenever a checkpoint is written at a batch end or after validation.
+    The position is the windows every rank together has had, a count that does not depend on
+    how they were split: a run saved by 2 processes of batch 4 continues on 1 process of batch
+    8 (or 4) at the next window of the same order. Lightning fetches batches one at a time
+    when the loader has a length, so batches given are batches trained on whenever a
+    checkpoint is written at a batch end or after validation.
     """
 
     sampler: ResumableSampler
@@ -156,22 +160,29 @@ class ResumableDataLoader(DataLoader):
         kwargs.setdefault("generator", torch.Generator())
         super().__init__(*args, **kwargs)
         self._epoch = 0
-        self._batches = 0
+        self._windows = 0
         self._resume_at: tuple[int, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._batches}
+        return {"epoch": self._epoch, "windows": self._windows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_at = (state["epoch"], state["batches"])
+        # Older checkpoints hold this rank's batches, saved with the same batch and world size.
+        windows = state.get("windows", state.get("batches", 0) * self.windows_per_batch)
+        self._resume_at = (state["epoch"], windows)
         self.sampler.set_epoch(state["epoch"])
+
+    @property
+    def windows_per_batch(self) -> int:
+        """Windows one batch of every rank together holds."""
+        return self.batch_size * self.sampler.num_replicas
 
     def __iter__(self) -> Iterator[Any]:
         # A generator, so the sampler is read at the first batch, after Lightning's set_epoch.
         self._epoch = self.sampler.epoch
         resume_at, self._resume_at = self._resume_at, None
-        self._batches = resume_at[1] if resume_at and resume_at[0] == self._epoch else 0
-        self.sampler.skip = self._batches * self.batch_size
+        self._windows = resume_at[1] if resume_at and resume_at[0] == self._epoch else 0
+        self.sampler.start = self._windows
         for batch in super().__iter__():
-            self._batches += 1
+            self._windows += self.windows_per_batch
             yield batch
