@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from gptlab.checks import check_count
-from gptlab.flops import training_flops_per_batch
+from gptlab.flops import peak_flops, training_flops_per_batch
 from gptlab.model import GPTConfig, build_model
 from gptlab.module import GPTLightningModule, model_loss
 from gptlab.monitor import TrainingMonitor, compute_dtype, synchronized_clock
@@ -208,13 +207,13 @@ def report(
     """A table of tokens/s, median ms/step, MFU and peak memory, and the overhead ratio."""
     flops = training_flops_per_batch(config, batch_size, config.context_length)
     dtype = compute_dtype(precision)
-    peak_flops = get_available_flops(device, dtype)
+    peak = peak_flops(device, dtype)
     lines = [f"{'variant':<10} {'tokens/s':>12} {'ms/step':>10} {'MFU':>8} {'peak mem':>12}"]
     medians = {}
     for variant, timing in timings.items():
         median = statistics.median(timing.seconds)
         medians[variant] = median
-        mfu = f"{flops / median / peak_flops:.1%}" if peak_flops else "n/a"
+        mfu = f"{flops / median / peak:.1%}" if peak else "n/a"
         memory = f"{timing.peak_memory / 2**20:,.0f} MiB" if device.type == "cuda" else "-"
         tokens = batch_size * config.context_length / median
         lines.append(f"{variant:<10} {tokens:>12,.0f} {1000 * median:>10.2f} {mfu:>8} {memory:>12}")
@@ -226,7 +225,7 @@ def report(
             f"Process peak RSS: {peak_rss:,.0f} MiB (both variants; CPU has no per-phase peak)"
         )
     if not peak_flops:
-        lines.append(f"MFU n/a: Lightning knows no peak FLOP/s for {device.type} ({dtype})")
+        lines.append(f"MFU n/a: no peak FLOP/s is known for {device.type} ({dtype})")
     n = {variant: len(t.seconds) for variant, t in timings.items()}
     lines.append(f"Steps timed per variant: {n}; analytic FLOPs per step: {flops:.3e}")
     return "\n".join(lines)

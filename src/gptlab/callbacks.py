@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Signals that stop a run cleanly. SIGUSR1 is what SLURM's `--signal=USR1@90` sends ahead of
 # the time limit.
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
-# No non-finite loss seen yet: the largest step, so the minimum over ranks passes it by.
+# No non-finite loss seen yet: larger than any step.
 NO_STEP = torch.iinfo(torch.int64).max
 
 
@@ -130,6 +130,9 @@ class NonFiniteLossGuard(Callback):
     ) -> None:
         if self.every_step or self._step_bad is None:
             return
+        # One verdict for every rank, reduced on the device: a step bad on any rank is skipped
+        # on all of them, so the replicas never part.
+        self._step_bad = trainer.strategy.reduce(self._step_bad.int(), reduce_op="sum") > 0
         if self._skips_on_device:
             optimizer.found_inf = self._step_bad.float()
         self._bad_steps += self._step_bad
@@ -147,11 +150,9 @@ class NonFiniteLossGuard(Callback):
 
     def _check_flag(self, trainer: L.Trainer) -> None:
         """Read the device's verdict on the steps since the last check (a host sync)."""
-        bad_steps = int(trainer.strategy.reduce(self._bad_steps, reduce_op="sum"))
+        bad_steps = int(self._bad_steps)
         if bad_steps:
-            # The bad step may have been another rank's.
-            first = int(trainer.strategy.reduce(self._first_bad, reduce_op="min"))
-            self._stop(trainer, first, bad_steps, applied=not self._skips_on_device)
+            self._stop(trainer, int(self._first_bad), bad_steps, applied=not self._skips_on_device)
         self._checked_step = trainer.global_step
 
     def _stop(self, trainer: L.Trainer, step: int, bad_steps: int, applied: bool) -> None:

@@ -8,7 +8,7 @@ the same thing by tracing a meta-device model, so the two can be checked against
 from __future__ import annotations
 
 import torch
-from lightning.fabric.utilities.throughput import measure_flops
+from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 
 from gptlab.model import GPTConfig, build_model
 
@@ -44,3 +44,41 @@ def measured_flops_per_batch(config: GPTConfig, batch_size: int, seq_len: int) -
         model = build_model(config)
         idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
     return measure_flops(model, lambda: model(idx), loss_fn=torch.Tensor.sum)
+
+
+# Dense bf16 (and fp16) tensor-core peaks, FLOP/s, from NVIDIA's datasheets, for the GPUs people
+# rent; matched in this order against torch.cuda.get_device_name (e.g. "NVIDIA H100 80GB HBM3").
+GPU_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM
+    ("h200", 989e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("l40s", 362e12),
+    ("l4", 121e12),
+    ("rtx 4090", 165e12),
+    ("rtx 5090", 210e12),
+)
+TABLED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def tabled_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """gptlab's peak for a GPU by name, in bf16 or fp16; None for anything else."""
+    name = device_name.lower()
+    if dtype not in TABLED_DTYPES:
+        return None
+    return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's marketing name (`NVIDIA H100 80GB HBM3`), or `cpu`."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak FLOP/s in `dtype`: gptlab's table first (Lightning's lacks the H200,
+    for one), then Lightning's; None where neither knows it (CPUs)."""
+    if device.type == "cpu":
+        return None
+    return tabled_peak_flops(device_name(device), dtype) or get_available_flops(device, dtype)

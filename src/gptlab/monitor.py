@@ -16,17 +16,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.tensorboard.summary import hparams
 
 from gptlab.errors import TrainingInterrupted
-from gptlab.flops import training_flops_per_batch
+from gptlab.flops import peak_flops, training_flops_per_batch
 from gptlab.generation import check_sampling, continue_prompt, encode_prompt
 from gptlab.model import build_model, count_parameters
 from gptlab.plots import plot_losses
+from gptlab.sharding import is_sharded, whole_state_dict
 from gptlab.steps import is_final_step, optimizer_stepped
 from gptlab.sweep import swept_hparams
 
@@ -55,9 +54,10 @@ def tensorboard_loggers(trainer: L.Trainer) -> list[TensorBoardLogger]:
 class TrainingMonitor(Callback):
     """Train metrics, throughput, tokens seen and the loss curves of a run.
 
-    On each written step it logs `train/loss` (the mean over the step's micro-batches),
+    On each written step it logs `train/loss` (the mean over the step's micro-batches, on
+    every rank),
     `train/ppl`, `train/lr`, `train/grad_norm`, `train/tokens_per_sec` (since the last written
-    step, validation excluded), `train/mfu` where Lightning knows the device's peak, and
+    step, validation excluded), `train/mfu` where the device's peak is known, and
     `train/tokens_seen`, and shows loss, lr and tokens/s in the progress bar. The curves
     travel in checkpoints, so a resumed run plots its whole history in `loss.png`. At the end
     it prints the run's tokens/s and MFU, timed from the end of the first optimizer step
@@ -100,8 +100,10 @@ class TrainingMonitor(Callback):
         if self._flops_per_token is None:
             flops = training_flops_per_batch(pl_module.config, *batch[0].shape)
             self._flops_per_token = flops / batch[0].numel()
+        # A copy: under CUDA graphs (compile_mode=reduce-overhead) the step's loss lives in a
+        # buffer that the next step's replay overwrites.
         loss = pl_module.last_loss
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_sum = loss.clone() if self._loss_sum is None else self._loss_sum + loss
         self._micro_batches += 1
         if not optimizer_stepped(trainer, batch_idx):
             return
@@ -119,7 +121,9 @@ class TrainingMonitor(Callback):
         """Log the steps since the last write, at the optimizer step just taken (and show them
         in the progress bar, except where Lightning allows no logging: after an exception)."""
         step = trainer.global_step
-        loss = float(self._loss_sum / self._micro_batches)
+        # The mean over every rank's micro-batches: the loss of the whole global batch.
+        mean = trainer.strategy.reduce(self._loss_sum / self._micro_batches, reduce_op="mean")
+        loss = float(mean)
         seconds, tokens, _ = self._close_window(trainer, self._timed)
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         metrics = {
@@ -153,8 +157,8 @@ class TrainingMonitor(Callback):
         return window
 
     def mfu(self, trainer: L.Trainer, tokens_per_sec: float) -> float | None:
-        """Model FLOPs utilisation per device; None where Lightning knows no peak (CPUs)."""
-        peak = get_available_flops(trainer.strategy.root_device, compute_dtype(trainer.precision))
+        """Model FLOPs utilisation per device; None where no peak is known (CPUs)."""
+        peak = peak_flops(trainer.strategy.root_device, compute_dtype(trainer.precision))
         if not peak or not self._flops_per_token:
             return None
         return self._flops_per_token * tokens_per_sec / trainer.world_size / peak
@@ -168,7 +172,7 @@ class TrainingMonitor(Callback):
             self._window_start += synchronized_clock(trainer.strategy.root_device) - self._paused_at
         self._paused_at = None
         loss = trainer.callback_metrics.get("val/loss")
-        if not trainer.sanity_checking and loss is not None:
+        if loss is not None:
             self.val_losses.append((self.tokens_seen, trainer.global_step, float(loss)))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -221,16 +225,15 @@ def inference_model(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.n
     """The model to sample from: the training one, or on rank 0 a whole copy under FSDP.
 
     FSDP shards the parameters, so its model is only whole inside its own forward. Gathering
-    the full state is collective, so every rank calls this; only rank 0 gets a model.
+    the whole weights is collective, so every rank calls this; only rank 0 gets a model.
     """
-    if not isinstance(trainer.strategy.model, FullyShardedDataParallel):
+    if not is_sharded(pl_module.model):
         return pl_module.model
-    state = trainer.strategy.lightning_module_state_dict()
+    state = whole_state_dict(pl_module.model)
     if not trainer.is_global_zero:
         return None
     model = build_model(pl_module.config)
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    model.load_state_dict(state)
     return model.to(trainer.strategy.root_device)
 
 
@@ -256,7 +259,7 @@ class SampleText(Callback):
         self.seed = seed
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not tensorboard_loggers(trainer):
+        if not tensorboard_loggers(trainer):
             return
         model = inference_model(trainer, pl_module)
         if model is None:
@@ -303,7 +306,7 @@ class HParamsSummary(Callback):
         self.logged = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.logged:
+        if self.logged:
             return
         available = trainer.callback_metrics
         metrics = {name: float(available[name]) for name in self.metrics if name in available}

@@ -66,6 +66,11 @@ class RunRecord:
     wall_time_s: float | None = None
     error: str | None = None
     tokens_per_sec: float | None = None
+    # Where and how it trained: `NVIDIA H100 80GB HBM3` or `cpu`, the Lightning precision, and
+    # torch's float32 matmul precision (`high`: TF32 on GPUs that have it).
+    device: str | None = None
+    precision: str | None = None
+    float32_matmul_precision: str | None = None
 
 
 def error_line(err: BaseException) -> str:
