@@ -9,6 +9,7 @@ need CUDA and are skipped without it.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -142,7 +143,9 @@ def test_gpu_run_resume_and_generate(tmp_path: Path) -> None:
     assert torch.load(last, weights_only=True)["global_step"] == 10
     sample = run_script("generate.py", f"ckpt={last}", "max_new_tokens=20", "device=cuda")
     assert sample.returncode == 0, sample.stderr[-3000:]
-    assert "UserWarning: You are using a CUDA device" not in first.stderr, "TF32 is on"
+    record = json.loads((run_dir / "run_summary.json").read_text())
+    assert record["float32_matmul_precision"] == "high", "TF32 was off for the run"
+    assert record["device"].startswith("NVIDIA") and record["precision"] == "bf16-mixed"
 
 
 @needs_cuda

@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_datamodule
 from gptlab.errors import ConfigError
-from gptlab.module import GPTLightningModule, next_token_loss
+from gptlab.module import GPTLightningModule, model_loss, next_token_loss
 from gptlab.tokenizers import CharTokenizer
 
 TINY_MODEL = {
@@ -112,3 +112,43 @@ def test_tiny_model_memorises_a_short_text() -> None:
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1
+
+
+class CountSaved(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the tensors autograd keeps for the backward."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        super().__init__(self.pack, lambda tensor: tensor)
+
+    def __enter__(self) -> CountSaved:
+        super().__enter__()
+        return self
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return tensor
+
+
+def test_activation_checkpointing_recomputes_the_same_loss_and_gradients() -> None:
+    model = {"vocab_size": 16, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2}
+    inputs = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(0))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = GPTLightningModule(
+            {**model, "drop_rate": 0.1},  # dropout masks must be drawn again alike
+            {"lr": 1e-3},
+            CharTokenizer("abcdefghijklmnop").to_dict(),
+            activation_checkpointing=checkpointing,
+        )
+        with CountSaved() as saved:
+            loss = model_loss(module.model.train(), inputs, inputs.roll(-1, dims=1))
+        loss.backward()
+        grads = [p.grad.clone() for p in module.parameters()]
+        results.append((loss.detach(), grads, saved.count))
+    (loss, grads, kept), (loss_ac, grads_ac, kept_ac) = results
+    torch.testing.assert_close(loss_ac, loss)
+    for grad, grad_ac in zip(grads, grads_ac, strict=True):
+        torch.testing.assert_close(grad_ac, grad)
+    assert kept_ac < kept / 2, "the blocks' activations were kept, not recomputed"

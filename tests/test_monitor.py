@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from lightning.pytorch.callbacks import Callback
 from matplotlib.image import imread
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -194,3 +195,31 @@ def test_curves_record_each_logged_optimizer_step_once_under_accumulation(tmp_pa
         (4 * 3 * 32, 4),
         (6 * 3 * 32, 6),
     ]
+
+
+class ReplayOverwritesLoss(Callback):
+    """What a CUDA graph replay (compile_mode=reduce-overhead) does to a step's loss: the next
+    step writes its output into the same buffer, here once every callback has read it."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        pl_module.last_loss.fill_(1e6)
+
+
+def test_train_loss_survives_its_buffer_being_overwritten(tmp_path: Path) -> None:
+    curves = TrainingMonitor()
+    module = GPTLightningModule(
+        {"vocab_size": 16, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1},
+        {"lr": 1e-3},
+        CharTokenizer("abcdefghijklmnop").to_dict(),
+    )
+    trainer = cpu_trainer(
+        tmp_path,
+        max_steps=4,
+        log_every_n_steps=4,
+        enable_checkpointing=False,
+        callbacks=[curves, ReplayOverwritesLoss()],
+    )
+    trainer.fit(module, train_dataloaders=random_batches(16, 8, batch_size=4, n=16))
+    ((_, step, loss),) = curves.train_losses
+    # The mean of 4 steps' cross-entropies over 16 tokens, near ln(16) = 2.77.
+    assert step == 4 and 2.0 < loss < 4.0

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import cpu_trainer
 from gptlab.errors import ConfigError
-from gptlab.flops import measured_flops_per_batch, training_flops_per_batch
+from gptlab.flops import (
+    measured_flops_per_batch,
+    peak_flops,
+    tabled_peak_flops,
+    training_flops_per_batch,
+)
 from gptlab.generation import generate
-from gptlab.model import GPTConfig, GPTModel, TransformerBlock, count_parameters
+from gptlab.model import GPTConfig, GPTModel, count_parameters
 from gptlab.module import GPTLightningModule, model_loss, next_token_loss
 from gptlab.monitor import TrainingMonitor
 from gptlab.tokenizers import CharTokenizer
@@ -208,14 +213,33 @@ def test_a_one_step_run_still_reports_its_tokens_per_second(
     assert "tokens/s, " in capsys.readouterr().out
 
 
-def test_fsdp_config_wraps_transformer_blocks() -> None:
-    from omegaconf import OmegaConf
+def test_fsdp_config_is_fsdp2_over_every_process(compose_train_config) -> None:
+    cfg = compose_train_config(
+        "model=tiny", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"
+    )
+    trainer = build_trainer(cfg, *validate(cfg))
+    assert isinstance(trainer.strategy, ModelParallelStrategy)
+    assert trainer.world_size == 2
+    # The untrained model is validated inside fit (Lightning's sanity check), in full.
+    assert trainer.num_sanity_val_steps == float("inf")
 
-    trainer_cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "trainer" / "fsdp.yaml")
-    strategy = instantiate(trainer_cfg.strategy, _convert_="all")
-    assert strategy.__class__.__name__ == "FSDPStrategy"
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert TransformerBlock in policy._module_classes
+
+def test_sharded_checkpoint_folders_are_refused_before_training(compose_train_config) -> None:
+    cfg = compose_train_config(
+        "model=tiny", "trainer=fsdp", "trainer.strategy.save_distributed_checkpoint=true"
+    )
+    with pytest.raises(ConfigError, match="save_distributed_checkpoint=true"):
+        build_trainer(cfg, *validate(cfg))
+
+
+def test_peak_flops_table_names_the_gpus_people_rent() -> None:
+    assert tabled_peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
+    assert tabled_peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert tabled_peak_flops("NVIDIA H100 PCIe", torch.float16) == 756e12
+    assert tabled_peak_flops("NVIDIA L40S", torch.bfloat16) == 362e12  # not the L4's
+    assert tabled_peak_flops("NVIDIA L4", torch.bfloat16) == 121e12
+    assert tabled_peak_flops("NVIDIA H200", torch.float32) is None
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
 
 
 @pytest.mark.slow
