@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import random
@@ -14,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -288,3 +292,191 @@ def test_slurm_requeue_continues_the_job_in_its_run_directory(tmp_path: Path) ->
     assert saved_step(run_dir / "checkpoints" / "last.ckpt") == step + 2
     assert list((run_dir / ".hydra").glob("resume-*"))
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["slurm-4242"]
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, str] | None]:
+    """Every folder (None) and file (modification time, content hash) under root."""
+    return {
+        str(path.relative_to(root)): (
+            (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            if path.is_file()
+            else None
+        )
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def finished_run_folder(run_dir: Path) -> Path:
+    """A folder as a finished run leaves it. The files need not load: a second process must be
+    refused before it reads or writes any of them."""
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        (run_dir / ".hydra" / name).write_text(f"the first run's {name}\n")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"the first run's weights")
+    (run_dir / "train.log").write_text("the first run's log\n")
+    (run_dir / "run_summary.json").write_text('{"status": "running", "overrides": []}\n')
+    return run_dir
+
+
+@contextmanager
+def held(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock, as a run still training does."""
+    with open(run_dir / ".lock", "a+") as lock:
+        lock.write("4242\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        pytest.param(lambda d: [f"hydra.run.dir={d / 'run'}"], id="hydra.run.dir"),
+        pytest.param(lambda d: [f"resume={d / 'run'}"], id="resume"),
+        pytest.param(
+            lambda d: ["-m", f"hydra.sweep.dir={d}", "hydra.sweep.subdir=run"], id="sweep-job"
+        ),
+    ],
+)
+def test_a_second_process_refused_by_the_lock_leaves_the_run_folder_byte_for_byte(
+    tmp_path: Path, second
+) -> None:
+    run_dir = finished_run_folder(tmp_path / "run")
+    with held(run_dir):
+        before = tree_state(run_dir)
+        args = second(tmp_path)
+        flags = [a for a in args if a.startswith("-")]  # Hydra's flags go first
+        overrides = [a for a in args if a not in flags]
+        result = run_script("train.py", *flags, *QUICK_RUN, "seed=7", *overrides, cwd=tmp_path)
+        after = tree_state(run_dir)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert f"The run directory {run_dir} is in use by process 4242" in output, output[-3000:]
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the running run's folder changed: {changed}"
+
+
+@contextmanager
+def mounted(target: Path, *options: str) -> Iterator[Path]:
+    """`mount <options> <target>` for the block (root only; skipped where mounting fails)."""
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here, which this case needs: {result.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@contextmanager
+def read_only_mount(tmp_path: Path) -> Iterator[list[str]]:
+    with mounted(tmp_path / "ro", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs") as ro:
+        yield [f"paths.log_dir={ro / 'outputs'}"]
+
+
+@contextmanager
+def immutable_folder(tmp_path: Path) -> Iterator[list[str]]:
+    """chattr +i: not even root may create anything inside."""
+    folder = tmp_path / "immutable"
+    folder.mkdir()
+    result = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"chattr +i does not work here: {result.stderr.strip()}")
+    try:
+        yield [f"paths.log_dir={folder / 'outputs'}"]
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=False)
+
+
+@contextmanager
+def read_only_folder(tmp_path: Path) -> Iterator[list[str]]:
+    folder = tmp_path / "r-x"
+    folder.mkdir(mode=0o555)
+    try:
+        yield [f"paths.log_dir={folder / 'outputs'}"]
+    finally:
+        folder.chmod(0o755)
+
+
+@contextmanager
+def full_disk(tmp_path: Path) -> Iterator[list[str]]:
+    with mounted(tmp_path / "full", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as disk:
+        with open(disk / "filler", "wb") as filler, pytest.raises(OSError, match="No space"):
+            while True:
+                filler.write(b"x" * 65536)
+                filler.flush()
+        yield [f"paths.log_dir={disk / 'outputs'}"]
+
+
+@contextmanager
+def run_on_a_read_only_mount(tmp_path: Path) -> Iterator[list[str]]:
+    run_dir = finished_run_folder(tmp_path / "run")
+    with mounted(run_dir, "--bind", str(run_dir)):
+        result = subprocess.run(["mount", "-o", "remount,bind,ro", str(run_dir)])
+        if result.returncode != 0:
+            pytest.skip("cannot remount a bind mount read-only here")
+        yield [f"resume={run_dir}"]
+
+
+@pytest.mark.parametrize(
+    ("place", "words"),
+    [
+        pytest.param(read_only_mount, ["paths.log_dir=", "read-only file system"], id="ro-mount"),
+        pytest.param(immutable_folder, ["paths.log_dir=", "not writable", "lsattr"], id="chattr"),
+        pytest.param(
+            read_only_folder,
+            ["paths.log_dir=", "not writable", "ls -ld"],
+            id="chmod-555",
+            marks=pytest.mark.skipif(
+                os.geteuid() == 0, reason="root writes through chmod 555: see the chattr case"
+            ),
+        ),
+        pytest.param(full_disk, ["paths.log_dir=", "full disk", "bytes free"], id="full-disk"),
+        pytest.param(
+            run_on_a_read_only_mount,
+            ["resume=", "read-only file system", "resume the copy"],
+            id="resume-ro-mount",
+        ),
+    ],
+)
+def test_an_unwritable_place_is_refused_with_one_paragraph_before_anything_is_written(
+    tmp_path: Path, place, words: list[str]
+) -> None:
+    outside = tmp_path / "cwd"
+    outside.mkdir()
+    with place(tmp_path) as args:
+        before = tree_state(tmp_path)
+        result = run_script("train.py", *QUICK_RUN, *args, cwd=outside)
+        after = tree_state(tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, f"{word!r} not in: {result.stderr}"
+    assert before == after, "nothing is written"
+
+
+STOPPED_BEFORE_TRAINING = "Stopped by Ctrl-C before training started; nothing to resume."
+
+
+@pytest.mark.parametrize("moment", ["while importing", "once the run folder is claimed"])
+def test_ctrl_c_before_training_prints_one_line_and_leaves_nothing_to_resume(
+    tmp_path: Path, moment: str
+) -> None:
+    run_dir = tmp_path / "run"
+    process = start(*TINY_RUN, f"hydra.run.dir={run_dir}", log=tmp_path / "run.log")
+    if moment == "while importing":
+        time.sleep(1.0)  # Python is up, torch and Hydra are still loading
+    else:
+        # Then come gptlab's imports, the checks, the data and the model, all before training.
+        wait_for(lambda: (run_dir / ".hydra" / "config.yaml").is_file(), process, "the claim")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 128 + signal.SIGINT
+    output = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in output
+    assert output.splitlines()[-1] == STOPPED_BEFORE_TRAINING
+    assert not (run_dir / "run_summary.json").exists(), "no record claims a resumable run"
+    assert not (run_dir / "checkpoints").exists()

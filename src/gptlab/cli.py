@@ -6,28 +6,31 @@ calls the package; a reported error becomes one paragraph and an exit code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
-
-from gptlab.console import quiet_lightning
+# Only the standard library and gptlab.errors here: the rest (torch, Lightning, Hydra) is
+# imported by the commands, inside the block where Ctrl-C ends them with one line.
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted, exit_with_message
-from gptlab.runs import register_resolvers
-from gptlab.settings import resolve_device
-from gptlab.sweep import in_multirun
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 T = TypeVar("T")
 
 # conf/paths/default.yaml's log_dir, where runs go unless paths.log_dir says otherwise.
 DEFAULT_LOG_DIR = "outputs"
+# A disk with less room than this cannot hold a run's first files (its config, a checkpoint).
+MIN_FREE_BYTES = 1 << 20
+STOPPED_BEFORE_TRAINING = "Stopped by Ctrl-C before training started"
 # Errors whose message is the whole report: no traceback, the error's own exit code.
 REPORTED_ERRORS = (ConfigError, StorageError)
 
@@ -48,6 +51,8 @@ def exit_on_reported_error(task: Callable[..., T]) -> Callable[..., T]:
         try:
             return task(*args, **kwargs)
         except REPORTED_ERRORS as err:
+            from gptlab.sweep import in_multirun
+
             if in_multirun():
                 log.error("%s", err)
                 raise
@@ -78,25 +83,70 @@ def expose_hydra_plugins() -> None:
         sys.path.append(root)
 
 
-def hydra_command(config_name: str, task: Callable[[DictConfig], T]) -> Callable[[], T | None]:
-    """A console command: Hydra composes `conf/<config_name>.yaml` with the command line."""
+def hydra_command(
+    config_name: str,
+    task: Callable[[DictConfig], T],
+    owns_run_dir: bool = False,
+    stopped: str = "Stopped by Ctrl-C.",
+) -> Callable[[], T | None]:
+    """A console command: Hydra composes `conf/<config_name>.yaml` with the command line.
+
+    `owns_run_dir`: the command writes a run directory (`conf/hydra/default.yaml`). Where it
+    goes is checked before Hydra starts, and the task runs holding the directory, which is
+    written to only once it is held (`gptlab.runs.owned`). `stopped`: the line Ctrl-C prints
+    before the task handles it itself (while Python imports torch, say); it exits with 130.
+    """
 
     def command() -> T | None:
-        expose_hydra_plugins()
-        register_resolvers()
-        quiet_lightning()
-        exit_on_reported_error(check_log_dir)(sys.argv[1:])
-        main = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)
-        return main(exit_on_reported_error(task))()
+        try:
+            import hydra
+
+            from gptlab.console import quiet_lightning
+            from gptlab.runs import register_resolvers
+
+            expose_hydra_plugins()
+            register_resolvers()
+            quiet_lightning()
+            exit_on_reported_error(check_run_location)(sys.argv[1:], owns_run_dir)
+            body = owning_run_dir(task) if owns_run_dir else exit_on_reported_error(task)
+            main = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)
+            return main(body)()
+        except KeyboardInterrupt:
+            print(stopped, file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
 
     command.__doc__ = task.__doc__
     return command
 
 
-def check_log_dir(arguments: list[str]) -> None:
-    """`paths.log_dir` must be a folder that can exist: checked before Hydra creates the run's
-    folder under it, which would otherwise fail with a traceback."""
+def owning_run_dir(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """The task, run while this process holds the Hydra job's directory. Its errors are
+    reported while the directory is held, so that a sweep job's reach the job's log file."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> T:
+        from hydra.core.hydra_config import HydraConfig
+
+        from gptlab.runs import owned
+
+        with contextlib.ExitStack() as held:
+            claim = owned(Path(HydraConfig.get().runtime.output_dir), cfg)
+            exit_on_reported_error(held.enter_context)(claim)
+            return exit_on_reported_error(task)(cfg)
+
+    return wrapper
+
+
+def check_run_location(arguments: list[str], writes: bool) -> None:
+    """Where a command puts its runs must be a folder it can write, with room: checked before
+    Hydra creates or writes anything there, which would otherwise end in a traceback.
+
+    `writes`: the command writes a run directory; generate and evaluate only read runs from
+    `paths.log_dir`, which must then still be a folder.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gptlab.runs import continued_run_dir
 
     try:
         overrides = OverridesParser.create().parse_overrides(
@@ -104,28 +154,111 @@ def check_log_dir(arguments: list[str]) -> None:
         )
     except Exception:  # bad override syntax: Hydra itself reports it, with the grammar
         return
-    given = [o.value() for o in overrides if o.key_or_group == "paths.log_dir"]
-    log_dir = Path(str(given[-1]) if given else DEFAULT_LOG_DIR).expanduser()
+    given = {
+        o.key_or_group: str(o.value())
+        for o in overrides
+        if not o.is_sweep_override() and o.value() is not None
+    }
+    log_dir = Path(given.get("paths.log_dir", DEFAULT_LOG_DIR)).expanduser()
     blocking = next((p for p in (log_dir, *log_dir.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise ConfigError(
             f"paths.log_dir={str(log_dir)!r} cannot be a folder: {blocking} is a file. Give a "
             f"folder for the runs, e.g. paths.log_dir=outputs."
         )
+    if not writes:
+        return
+    multirun = any(a in ("-m", "--multirun") for a in arguments) or (
+        "hparams_search" in given or given.get("hydra.mode") == "MULTIRUN"
+    )
+    continued = continued_run_dir(given.get("resume"), given.get("ckpt_path"))
+    if multirun and "hydra.sweep.dir" in given:
+        key, place = "hydra.sweep.dir", Path(given["hydra.sweep.dir"])
+    elif not multirun and "hydra.run.dir" in given:
+        key, place = "hydra.run.dir", Path(given["hydra.run.dir"])
+    elif not multirun and continued is not None:
+        key, place = ("resume" if given.get("resume") else "ckpt_path"), continued
+    else:
+        key, place = "paths.log_dir", log_dir
+    problem = unwritable_place(place.expanduser())
+    if problem is None:
+        return
+    fix = f"Give a folder you can write, e.g. {key}=<folder>."
+    if key in ("resume", "ckpt_path"):
+        fix = (
+            f"A resumed run writes into its own directory: copy it to a writable place "
+            f"(cp -r {place} <copy>) and resume the copy, resume=<copy>."
+        )
+    raise ConfigError(f"{key}={given.get(key, str(place))!r} cannot be written: {problem}. {fix}")
+
+
+def unwritable_place(place: Path) -> str | None:
+    """Why nothing can be created at `place` (the nearest folder of it that exists is read-only,
+    not writable by this user, or on a full disk), or None."""
+    folder = next((p for p in (place, *place.parents) if p.is_dir()), None)
+    if folder is None:
+        return None
+    statvfs = getattr(os, "statvfs", None)  # None on Windows
+    if not os.access(folder, os.W_OK | os.X_OK):
+        if statvfs is not None and statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only file system"
+        return (
+            f"{folder} is not writable by this user (see its permissions, ls -ld, and whether "
+            f"it is immutable, lsattr -d)"
+        )
+    if statvfs is None:
+        return None
+    disk = statvfs(folder)
+    # root may also fill the blocks a file system keeps back for it.
+    root = getattr(os, "geteuid", lambda: -1)() == 0
+    free = (disk.f_bfree if root else disk.f_bavail) * disk.f_frsize
+    if free < MIN_FREE_BYTES:
+        return f"{folder} is on a full disk ({free:,} bytes free)"
+    return None
 
 
 def train_task(cfg: DictConfig) -> float:
     """Train a GPT; returns the best val loss, which Hydra sweepers minimise."""
+    from gptlab.checkpoints import last_checkpoint
     from gptlab.distributed import sweep_job
+    from gptlab.sweep import RUN_RECORD
     from gptlab.train import run
 
-    # In a -m sweep with strategy=ddp, each job's child ranks run that job only.
-    with sweep_job():
-        return run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    record = file_version(run_dir / RUN_RECORD)
+    try:
+        # In a -m sweep with strategy=ddp, each job's child ranks run that job only.
+        with sweep_job():
+            return run(cfg)
+    except KeyboardInterrupt:
+        # Inside fit, Ctrl-C saves and stops at a step (GracefulInterrupt); this one came
+        # before training (the run's record is as it was) or after it.
+        if file_version(run_dir / RUN_RECORD) != record:
+            message = f"Stopped by Ctrl-C after training; the run is in {run_dir}."
+        elif last_checkpoint(run_dir).is_file():
+            message = (
+                f"{STOPPED_BEFORE_TRAINING}; {run_dir} keeps its checkpoints, and "
+                f"resume={run_dir} continues it."
+            )
+        else:
+            message = f"{STOPPED_BEFORE_TRAINING}; nothing to resume."
+        print(message, file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def file_version(path: Path) -> tuple[int, int] | None:
+    """Which version of a file this is (files are replaced whole): inode and change time."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def generate_task(cfg: DictConfig) -> None:
     """Sample text from a checkpoint or GPT-2 weights; tokens stream to stdout as they come."""
+    import torch
+
     from gptlab.generation import (
         check_sampling,
         encode_prompt,
@@ -134,6 +267,7 @@ def generate_task(cfg: DictConfig) -> None:
         stream_tokens,
     )
     from gptlab.loading import load_model
+    from gptlab.settings import resolve_device
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.num_samples)
     device = resolve_device(cfg.device)
@@ -175,6 +309,8 @@ def evaluate_task(cfg: DictConfig) -> None:
 
 def prepare_task(cfg: DictConfig) -> None:
     """Tokenise a corpus once into tokens.bin and meta.json, for data=prepared."""
+    from omegaconf import OmegaConf
+
     from gptlab.corpus import CorpusSpec
     from gptlab.prepared import prepare_corpus
 
@@ -195,11 +331,13 @@ def bench_task(cfg: DictConfig) -> None:
     benchmark_from_config(cfg)
 
 
-train = hydra_command("train", train_task)
+train = hydra_command(
+    "train", train_task, owns_run_dir=True, stopped=f"{STOPPED_BEFORE_TRAINING}; nothing to resume."
+)
 generate = hydra_command("generate", generate_task)
 evaluate = hydra_command("evaluate", evaluate_task)
-prepare = hydra_command("prepare", prepare_task)
-bench = hydra_command("bench", bench_task)
+prepare = hydra_command("prepare", prepare_task, owns_run_dir=True)
+bench = hydra_command("bench", bench_task, owns_run_dir=True)
 
 
 @exit_on_reported_error
@@ -220,6 +358,9 @@ def summarize() -> None:
 def model_preset(name: str) -> dict:
     """A `conf/model/<name>.yaml` preset as composed (its defaults applied), resolved."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gptlab.runs import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
