@@ -379,6 +379,78 @@ def test_bad_sweep_setting_stops_before_any_trial(tmp_path: Path) -> None:
     assert not [d for d in tmp_path.iterdir() if d.is_dir()], "no trial ran"
 
 
+def good_journal(path: Path) -> bytes:
+    """A journal as a sweep writes it: a study with one finished trial."""
+    study = optuna.create_study(storage=open_storage(parse_storage(str(path), path.parent)))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    return path.read_bytes()
+
+
+DAMAGED_STUDIES = {
+    "journal-of-garbage": (
+        "study.journal",
+        lambda path: bytes(range(256)) * 8,
+        ["study.journal is not an Optuna journal: line 1"],
+    ),
+    "journal-of-plain-text": (
+        "study.journal",
+        lambda path: b"some notes\nabout the sweep\n",
+        ["study.journal is not an Optuna journal: line 1"],
+    ),
+    "journal-cut-short": (
+        "study.journal",
+        lambda path: good_journal(path)[:-10],
+        ["study.journal ends in a record cut short", "truncate -s "],
+    ),
+    "sqlite-not-a-database": (
+        "study.db",
+        lambda path: b"not a database\n" * 100,
+        ["study.db cannot be opened as an Optuna study database", "file is not a database"],
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_STUDIES))
+def test_a_damaged_study_is_refused_with_one_paragraph_naming_the_file(
+    tmp_path: Path, damage: str
+) -> None:
+    name, content, words = DAMAGED_STUDIES[damage]
+    study = tmp_path / name
+    study.write_bytes(content(study))
+    damaged = study.read_bytes()
+    storage = f"sqlite:///{study}" if name.endswith(".db") else str(study)
+    result = run_script(
+        "train.py",
+        *SWEEP,
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "holds no runs" not in output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, f"{word!r} not in {result.stderr}"
+    assert study.read_bytes() == damaged, "the study is left as it was"
+
+
+def test_the_command_that_repairs_a_cut_journal_keeps_every_whole_record(tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    whole = good_journal(journal)
+    journal.write_bytes(whole + b'{"op_code":6,"worker_id":"a')  # a writer cut off
+    with pytest.raises(ConfigError, match="cut short") as refusal:
+        open_storage(parse_storage(str(journal), tmp_path))
+    repair = re.search(r"`(truncate -s \d+ \S+)`", str(refusal.value))
+    assert repair, str(refusal.value)
+    subprocess.run(repair.group(1).split(), check=True)
+    assert journal.read_bytes() == whole
+    storage = open_storage(parse_storage(str(journal), tmp_path))
+    study = optuna.load_study(study_name=None, storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
 def test_optuna_search_composes_with_the_slurm_launcher(compose_train_config) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the sweep extra")
     cfg = compose_train_config("hparams_search=optuna", "hydra/launcher=submitit_slurm")

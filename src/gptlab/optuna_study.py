@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fcntl
 import inspect
+import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,12 +20,14 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from gptlab.errors import ConfigError
 
 DEFAULT_JOURNAL = "optuna.journal"
+# How every record of an Optuna journal starts (one JSON object a line).
+JOURNAL_RECORD_START = b'{"op_code":'
 JOURNAL_PREFIX = "journal:"
 JOURNAL_SUFFIXES = (".journal", ".log")
 # A trial's last sign of life (seconds since the epoch), set by the sweep that runs it.
@@ -94,10 +97,70 @@ def parse_storage(storage: str | None, sweep_dir: str | Path) -> StorageSpec:
 
 
 def open_storage(spec: StorageSpec) -> BaseStorage:
+    """The study's storage; a file that holds no study Optuna can read is a ConfigError
+    naming it (Optuna's own errors name neither the file nor a way out)."""
     if spec.path is not None:
         spec.path.parent.mkdir(parents=True, exist_ok=True)
+        check_journal(spec.path)
         return JournalStorage(JournalFileBackend(str(spec.path)))
-    return RDBStorage(str(spec.url))
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return RDBStorage(str(spec.url))
+    except SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise ConfigError(
+            f"hydra.sweeper.storage={spec.url} cannot be opened as an Optuna study database "
+            f"({reason}). Give the URL of a database an Optuna sweep wrote (a sqlite:/// file "
+            f"that does not exist yet starts a new one), or move the file away."
+        ) from None
+
+
+def check_journal(path: Path) -> None:
+    """`path` must be an Optuna journal: one JSON record a line, the last one whole.
+
+    Checked under Optuna's own journal lock, so that a record another worker is appending is
+    not taken for a cut one. A record cut short (what a writer that crashed or ran out of
+    disk leaves) is refused rather than read past as Optuna does: the next record appended to
+    it would make the journal unreadable for good.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        whole = 0  # bytes of whole records so far
+        with path.open("rb") as journal:
+            for number, line in enumerate(journal, start=1):
+                cut = not line.endswith(b"\n") and (
+                    line.startswith(JOURNAL_RECORD_START) or JOURNAL_RECORD_START.startswith(line)
+                )
+                if cut:
+                    raise ConfigError(
+                        f"The Optuna journal {path} ends in a record cut short (line {number}, "
+                        f"from byte {whole}), as a sweep that crashed or ran out of disk while "
+                        f"writing it leaves it. Drop the cut record, keeping the {number - 1} "
+                        f"whole ones, with `truncate -s {whole} {path}` (while no sweep uses the "
+                        f"journal), then run the sweep again."
+                    )
+                if not is_journal_record(line):
+                    raise ConfigError(
+                        f"{path} is not an Optuna journal: line {number} is not a journal "
+                        f"record. Give hydra.sweeper.storage a journal that a sweep wrote, or a "
+                        f"file name that does not exist yet for a new study (or move {path} "
+                        f"away)."
+                    )
+                whole += len(line)
+    finally:
+        lock.release()
+
+
+def is_journal_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return isinstance(record, dict) and "op_code" in record
 
 
 def make_pruner(name: str, args: dict[str, Any] | None = None) -> optuna.pruners.BasePruner:

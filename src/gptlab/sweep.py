@@ -360,12 +360,20 @@ class SweepSummary(Callback):
 
     @staticmethod
     def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-        """The ranked rows, after writing them to the summary files; none if that failed."""
+        """The ranked rows, after writing them to the summary files; none if that failed.
+
+        A sweep that stopped before its first job (a bad setting, a damaged study) has
+        nothing to rank, and its own error says why: nothing is added to it.
+        """
+        if not (Path(sweep_dir).is_dir() and run_dirs(sweep_dir)):
+            return []
         # A summary that cannot be written must not stop the sweep that it describes.
         try:
             rows = summary_rows(sweep_dir)
             write_summary(sweep_dir, rows)
             return rows
+        except OSError as err:
+            log.warning("Could not write the sweep summary in %s: %s", sweep_dir, err)
         except Exception:
             log.exception("Could not write the sweep summary in %s", sweep_dir)
-            return []
+        return []
