@@ -224,7 +224,7 @@ def report(
         lines.append(
             f"Process peak RSS: {peak_rss:,.0f} MiB (both variants; CPU has no per-phase peak)"
         )
-    if not peak_flops:
+    if not peak:
         lines.append(f"MFU n/a: no peak FLOP/s is known for {device.type} ({dtype})")
     n = {variant: len(t.seconds) for variant, t in timings.items()}
     lines.append(f"Steps timed per variant: {n}; analytic FLOPs per step: {flops:.3e}")
