@@ -29,6 +29,5 @@ def reject_unknown(group: str, given: Collection[str], known: Collection[str], w
     """A key no setting reads is named: a typo would otherwise be silently ignored."""
     unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{group}.{unknown[0]} is not {what}: use one of {', '.join(sorted(known))}."
-        )
+        key = f"{group}.{unknown[0]}" if group else unknown[0]
+        raise ConfigError(f"{key} is not {what}: use one of {', '.join(sorted(known))}.")

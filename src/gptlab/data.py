@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 import numpy as np
@@ -22,6 +22,7 @@ from gptlab.corpus import CorpusSpec
 from gptlab.errors import ConfigError
 from gptlab.prepared import TokenFile, open_prepared, token_dtype
 from gptlab.sampling import RandomWindowSampler, ResumableDataLoader, ResumableSampler
+from gptlab.schema import check_fields
 from gptlab.tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class LoaderSettings:
     num_workers: int = 0
     # strided: the windows every `stride` tokens, shuffled each epoch. random: training windows
     # start at random offsets, drawn with replacement, as nanoGPT's get_batch does.
-    windows: str = "strided"
+    windows: Literal["strided", "random"] = "strided"
 
     def __post_init__(self) -> None:
         check_count("data.batch_size", self.batch_size, 1)
@@ -126,8 +127,10 @@ class GPTDataModule(L.LightningDataModule):
         """From the `data` group; a key that is neither a corpus nor a loader key is named."""
         corpus_keys, loader_keys = CorpusSpec.key_names(), LoaderSettings.key_names()
         reject_unknown("data", data, corpus_keys + loader_keys, "a data setting")
-        loader = LoaderSettings(**{key: data[key] for key in loader_keys if key in data})
-        return cls(CorpusSpec.from_mapping(data), loader)
+        loader_values = {key: data[key] for key in loader_keys if key in data}
+        check_fields("data", LoaderSettings, loader_values)
+        check_fields("data", CorpusSpec, {k: data[k] for k in corpus_keys if k in data})
+        return cls(CorpusSpec.from_mapping(data), LoaderSettings(**loader_values))
 
     @property
     def batch_size(self) -> int:

@@ -46,29 +46,35 @@ def check_sampling(
     top_p: float | None,
     max_new_tokens: int = 0,
     num_samples: int = 1,
+    prefix: str = "",
 ) -> None:
-    """Reject decoding settings that would silently do something else."""
+    """Reject decoding settings that would silently do something else; `prefix` is where the
+    keys live in the config (`callbacks.sample_text.` for the training samples)."""
     if isinstance(temperature, bool) or not (
         isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0
     ):
         raise ConfigError(
-            f"temperature={temperature!r} must be a number >= 0: use 0 for greedy decoding, "
-            f"or e.g. 0.8 to sample."
+            f"{prefix}temperature={temperature!r} must be a number >= 0: use 0 for greedy "
+            f"decoding, or e.g. 0.8 to sample."
         )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"top_k={top_k!r} must be an integer >= 1, or null to disable it.")
+        raise ConfigError(
+            f"{prefix}top_k={top_k!r} must be an integer >= 1, or null to disable it."
+        )
     if top_p is not None and (
         isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0
     ):
-        raise ConfigError(f"top_p={top_p!r} must be in (0, 1], e.g. 0.9, or null to disable it.")
+        raise ConfigError(
+            f"{prefix}top_p={top_p!r} must be in (0, 1], e.g. 0.9, or null to disable it."
+        )
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
         or max_new_tokens < 0
     ):
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
+        raise ConfigError(f"{prefix}max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"num_samples={num_samples!r} must be an integer >= 1.")
+        raise ConfigError(f"{prefix}num_samples={num_samples!r} must be an integer >= 1.")
 
 
 def next_token(

@@ -251,7 +251,7 @@ class SampleText(Callback):
         top_k: int | None = 40,
         seed: int = 0,
     ) -> None:
-        check_sampling(temperature, top_k, None)
+        check_sampling(temperature, top_k, None, max_new_tokens, prefix="callbacks.sample_text.")
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

@@ -11,12 +11,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from gptlab.checks import check_count, is_number, reject_unknown
 from gptlab.errors import ConfigError
+from gptlab.schema import check_fields
 
 SCHEDULES = ("constant", "cosine")
 # Lightning's precision whose GradScaler unscales fused AdamW's gradients inside its step.
@@ -35,7 +36,7 @@ class OptimizerSettings:
     warmup_steps: int = 0
     min_lr: float = 0.0
     # auto: the fused CUDA kernel where it is legal (not under 16-mixed with clipping).
-    fused: bool | str = "auto"
+    fused: bool | Literal["auto"] = "auto"
     # Tokens per optimizer step; sets gradient accumulation. None: one micro-batch a step.
     tokens_per_step: int | None = None
 
@@ -81,6 +82,7 @@ class OptimizerSettings:
         """
         known = {field.name for field in dataclasses.fields(cls)} - set(extra)
         reject_unknown("optimizer", values, known, "an optimizer setting")
+        check_fields("optimizer", cls, values)
         return cls(**{**values, **extra})
 
     @classmethod

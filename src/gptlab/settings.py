@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -23,13 +24,12 @@ from gptlab.errors import ConfigError
 from gptlab.model import GPTConfig
 from gptlab.module import check_compile_mode
 from gptlab.optim import OptimizerSettings
+from gptlab.schema import check_arguments, check_fields
 from gptlab.tokenizers import TOKENIZER_NAMES
 
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = {field.name for field in dataclasses.fields(GPTConfig)}
-# Keys of the `model` group that say how a run uses the model, not what the model is.
-RUN_MODEL_KEYS = {"tokenizer", "lr", "compile", "compile_mode", "activation_checkpointing"}
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 # Lightning's older spellings of the same precisions.
 PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
@@ -45,13 +45,55 @@ ENDLESS_VAL_INTERVAL = 1000
 SEED_RANGE = (0, 2**32 - 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelUse:
+    """The `model` group's keys that say how a run uses the model, not what the model is
+    (those are `GPTConfig`'s)."""
+
+    tokenizer: str = "char"  # gpt2 (OpenAI's BPE) or char (the corpus's characters)
+    lr: float = 4e-4  # the learning rate this model trains at; optimizer.lr follows it
+    compile: bool = False  # torch.compile the forward and the loss as one graph
+    compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES)
+    activation_checkpointing: bool = False  # recompute block activations in the backward
+
+
+RUN_MODEL_KEYS = {field.name for field in dataclasses.fields(ModelUse)}
+
+
 def model_settings(model: Mapping[str, Any], vocab_size: int | None) -> dict[str, Any]:
     """GPTConfig arguments from the `model` group; a null vocab_size follows the tokenizer."""
     reject_unknown("model", model, MODEL_KEYS | RUN_MODEL_KEYS, "a model setting")
     settings = {key: value for key, value in model.items() if key not in RUN_MODEL_KEYS}
+    check_fields("model", ModelUse, {k: v for k, v in model.items() if k in RUN_MODEL_KEYS})
+    if model.get("lr", ModelUse.lr) <= 0:
+        raise ConfigError(f"model.lr={model['lr']!r} must be positive, e.g. 4e-4.")
+    check_fields("model", GPTConfig, {k: v for k, v in settings.items() if v is not None})
     if settings.get("vocab_size") is None:
         settings["vocab_size"] = vocab_size
     return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKeys:
+    """conf/train.yaml's own top-level keys; the others are its config groups."""
+
+    task_name: str = "train"
+    seed: int = 1337  # seeds torch, numpy, Python and the data order
+    ckpt_path: str | None = None  # a checkpoint to continue
+    init_from: str | None = None  # other weights to start a new run from
+    resume: str | None = None  # a run directory to continue
+    prompt: str = "Every effort moves you"  # sampled at the end of the run
+    max_new_tokens: int = 60  # tokens of that sample
+    optimized_metric: str = "val/loss"  # what a sweeper minimises: val/loss or val/ppl
+    tokens_per_step: int | None = None  # tokens per optimizer step; sets the accumulation
+
+
+RUN_GROUPS = ("model", "data", "trainer", "optimizer", "logger", "callbacks", "paths", "hydra")
+
+
+def check_run_keys(cfg: DictConfig) -> None:
+    """A top-level key nothing reads (`+foo=1`) or of the wrong type is named."""
+    check_fields("", RunKeys, {key: cfg[key] for key in cfg if key not in RUN_GROUPS})
 
 
 def gpu_available() -> bool:
@@ -176,6 +218,7 @@ class TrainerSettings:
         accelerator = check_accelerator(options.get("accelerator", "auto"))
         options["precision"] = resolve_precision(options.get("precision", "auto"), accelerator)
         endless = is_endless(max_steps, max_epochs)
+        check_arguments("trainer", L.Trainer, options)
         interval = val_interval(options.get("val_check_interval"), max_steps, endless)
         processes = count_devices(device_type_of(accelerator), options.get("devices", "auto"))
         return cls(options, interval, processes)
@@ -287,7 +330,9 @@ class RunSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> RunSettings:
+        check_run_keys(cfg)
         model = OmegaConf.to_container(cfg.model, resolve=True)
+        fields = model_settings(model, vocab_size=None)
         tokenizer = model.get("tokenizer")
         if tokenizer not in TOKENIZER_NAMES:
             raise ConfigError(
@@ -297,12 +342,9 @@ class RunSettings:
         compile_mode = check_compile_mode(model.get("compile_mode", "default"))
         compile = model.get("compile", False)
         checkpointing = model.get("activation_checkpointing", False)
-        for key, value in (("compile", compile), ("activation_checkpointing", checkpointing)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"model.{key}={value!r} must be true or false.")
-        fields = model_settings(model, vocab_size=None)
         # The vocabulary may follow the tokenizer; the other fields are checked already.
-        GPTConfig(**{**fields, "vocab_size": fields["vocab_size"] or 1})
+        vocab_size = fields["vocab_size"]
+        GPTConfig(**{**fields, "vocab_size": 1 if vocab_size is None else vocab_size})
         optimizer = OptimizerSettings.from_mapping(
             OmegaConf.to_container(cfg.optimizer, resolve=True),
             tokens_per_step=cfg.get("tokens_per_step"),

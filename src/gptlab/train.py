@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -39,6 +39,7 @@ from gptlab.model import count_parameters
 from gptlab.module import GPTLightningModule, check_vocab_size
 from gptlab.monitor import TrainingMonitor
 from gptlab.runs import owned, requeued_checkpoint
+from gptlab.schema import check_arguments
 from gptlab.settings import RunSettings, configure_matmul_precision
 from gptlab.sharding import is_sharded
 from gptlab.sweep import RunRecord, error_line, status_of, write_run_record
@@ -61,6 +62,11 @@ def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSetti
     The data module is built (not loaded) here, which checks the data group's values.
     """
     settings = RunSettings.from_cfg(cfg)
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node is not None:
+                values = OmegaConf.to_container(node, resolve=True)
+                check_arguments(f"{group}.{name}", get_class(node._target_), values)
     datamodule = GPTDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True))
     datamodule.connect(settings.tokenizer, settings.model["context_length"])
     if settings.tokenizer == "gpt2" and settings.model["vocab_size"] is not None:
@@ -88,14 +94,29 @@ def run_to_resume(cfg: DictConfig, run_dir: Path) -> SavedRun | None:
     return SavedRun.read(ckpt_path) if ckpt_path else None
 
 
-def instantiate_ours(node: DictConfig) -> object:
-    """Hydra wraps what a constructor raises; gptlab's own ConfigError stays a one-line error."""
-    try:
-        return instantiate(node)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
+def instantiate_group(cfg: DictConfig, group: str) -> list:
+    """A group's objects (callbacks, loggers), each built by Hydra from its `_target_`.
+
+    A constructor's own complaint about its arguments becomes one paragraph naming the node;
+    gptlab's ConfigError stays as it is.
+    """
+    built = []
+    for name, node in (cfg.get(group) or {}).items():
+        if node is None:
+            continue
+        try:
+            built.append(instantiate(node))
+        except InstantiationException as err:
+            cause = err.__cause__
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            if isinstance(cause, TypeError | ValueError):
+                raise ConfigError(
+                    f"{group}.{name} could not be built from its settings: {cause} Check its "
+                    f"keys against conf/{group}/ and {node._target_}."
+                ) from None
+            raise
+    return built
 
 
 def build_strategy(node: dict, world_size: int) -> object:
@@ -134,8 +155,8 @@ def build_trainer(
     if SLURMEnvironment.detect():
         # gptlab's GracefulInterrupt saves at a step boundary and requeues on SIGUSR1.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    callbacks = [instantiate_ours(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate_ours(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
+    callbacks = instantiate_group(cfg, "callbacks")
+    loggers = instantiate_group(cfg, "logger")
     try:
         return L.Trainer(**options, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -229,7 +250,8 @@ def run(cfg: DictConfig) -> float:
             fit(cfg, settings, datamodule, recorder, resumed)
         except TrainingInterrupted as err:
             recorder.end(status_of(err), err)
-            err.resume_hint = resume_hint(run_dir)
+            saved = last_checkpoint(run_dir).is_file()
+            err.resume_hint = resume_hint(run_dir) if saved else "Nothing to resume."
             raise
         except OSError as err:
             recorder.end("failed", err)
