@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from conftest import cpu_trainer
 from gptlab.benchmark import random_batches
-from gptlab.callbacks import FinalValidation, NonFiniteLossGuard
-from gptlab.errors import NonFiniteLossError
+from gptlab.callbacks import FinalValidation, GracefulInterrupt, NonFiniteLossGuard
+from gptlab.errors import NonFiniteLossError, StoppedBeforeTraining
 from gptlab.module import GPTLightningModule
 from gptlab.tokenizers import CharTokenizer
 
@@ -80,3 +84,25 @@ def test_final_validation_runs_when_the_interval_does_not_reach_the_end(tmp_path
     )
     trainer.fit(module, train_dataloaders=batches, val_dataloaders=batches)
     assert validated == [5, 7]
+
+
+class CtrlCWhileValidatingUntrained(Callback):
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_during_the_untrained_validation_stops_before_training(tmp_path: Path) -> None:
+    module = tiny_module(lr=1e-3)
+    trainer = cpu_trainer(
+        tmp_path,
+        max_steps=4,
+        num_sanity_val_steps=-1,  # the untrained model's validation, as gptlab runs it
+        enable_checkpointing=False,
+        callbacks=[GracefulInterrupt(), CtrlCWhileValidatingUntrained()],
+    )
+    loader = random_batches(16, 8, batch_size=2, n=8)
+    with pytest.raises(StoppedBeforeTraining, match="Stopped by Ctrl-C before training started"):
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert trainer.global_step == 0
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -29,6 +29,7 @@ from conftest import REPO_ROOT, TINY_RUN, run_script, script_env
 from gptlab.atomic import remove_stale_temporaries
 from gptlab.checkpoints import AtomicCheckpointIO
 from gptlab.runs import claim_new_dir
+from test_resume import curve
 
 QUICK_RUN = tuple(o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trainer.val_")))
 # Checkpoints every step, on a model wide enough that a save takes a while to write.
@@ -221,10 +222,10 @@ SIGNAL_RUN = (
 
 
 def started_training(run_dir: Path) -> bool:
-    """The run has trained a first step (its record says running, and its events grew)."""
+    """The run has trained (its record says running, and its events hold a train loss)."""
     record = run_dir / "run_summary.json"
     running = record.is_file() and json.loads(record.read_text())["status"] == "running"
-    return running and len(list(run_dir.glob("events.out.tfevents.*"))) >= 2
+    return running and bool(curve(run_dir, "train/loss"))
 
 
 def test_sigterm_saves_marks_the_run_interrupted_and_says_how_to_resume(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -16,7 +16,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from gptlab.checkpoints import RunCheckpoint, last_checkpoint, saved_step
-from gptlab.errors import NonFiniteLossError, TrainingAborted, TrainingInterrupted
+from gptlab.errors import (
+    NonFiniteLossError,
+    StoppedBeforeTraining,
+    TrainingAborted,
+    TrainingInterrupted,
+)
 from gptlab.optim import SCALED_PRECISION
 from gptlab.runs import slurm_job_id
 from gptlab.steps import is_final_step, optimizer_stepped
@@ -89,11 +94,7 @@ class NonFiniteLossGuard(Callback):
     GradScaler uses. `auto`: every_step on CPUs, log_steps on accelerators.
     """
 
-    CHECKS = ("auto", "every_step", "log_steps")
-
-    def __init__(self, check: str = "auto") -> None:
-        if check not in self.CHECKS:
-            raise ValueError(f"check={check!r}: use one of {', '.join(self.CHECKS)}")
+    def __init__(self, check: Literal["auto", "every_step", "log_steps"] = "auto") -> None:
         self.check = check
         self.every_step = check == "every_step"
         self._step_bad: torch.Tensor | None = None
@@ -210,10 +211,12 @@ class GracefulInterrupt(Callback):
 
     def __init__(self) -> None:
         self.requested: int | None = None
+        self._training = False
         self._previous_handlers: dict[int, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """From the start of fit: a signal while a checkpoint is restored stops at step one."""
+        """From the start of fit. Before the first step (the untrained model's validation, a
+        checkpoint being restored) a signal stops at once: there is nothing new to save."""
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         for name in STOP_SIGNALS:
@@ -221,7 +224,12 @@ class GracefulInterrupt(Callback):
             if signum is not None:
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = True
+
     def _request_stop(self, signum: int, frame: Any) -> None:
+        if not self._training:
+            raise StoppedBeforeTraining(signum)
         if self.requested is not None:
             raise TrainingAborted(signum)
         self.requested = signum

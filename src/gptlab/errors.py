@@ -82,3 +82,11 @@ class TrainingAborted(TrainingInterrupted):
             f"Aborted by a second {signal_name(self.signum)}, without saving: the run keeps its "
             f"last checkpoint. {self.resume_hint}"
         ).strip()
+
+
+class StoppedBeforeTraining(TrainingAborted):
+    """A signal before the first training step (during the untrained model's validation, say):
+    stopped at once, with nothing new to save."""
+
+    def __str__(self) -> str:
+        return f"Stopped by {signal_name(self.signum)} before training started. {self.resume_hint}"
