@@ -408,3 +408,10 @@ def test_utf8_check_reports_the_byte_offset_across_chunk_boundaries(
     cut.write_bytes("abc日".encode()[:-1])
     with pytest.raises(ConfigError, match="ends inside a character at byte 3"):
         check_utf8(str(cut), chunk_size)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux's /proc")
+def test_a_file_that_cannot_be_read_is_named() -> None:
+    # Reading /proc/self/mem at offset 0 fails with EIO, for root as for anyone.
+    with pytest.raises(ConfigError, match=r"/proc/self/mem cannot be read \(Input/output error\)"):
+        check_utf8("/proc/self/mem")

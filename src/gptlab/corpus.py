@@ -119,7 +119,19 @@ def resolve_text_files(path: str | list[str]) -> list[str]:
 
 
 def check_utf8(path: str, chunk_size: int = 1 << 20) -> None:
-    """`datasets` fails on bad bytes with an error naming neither file nor position; this does."""
+    """`datasets` fails on bad bytes, and on a file it cannot read, with an error naming
+    neither the file nor the position; this does."""
+    try:
+        check_utf8_chunks(path, chunk_size)
+    except OSError as err:
+        raise ConfigError(
+            f"{path} cannot be read ({err.strerror or err}): check that it is a readable text "
+            f"file (ls -l {path}), or point data.path at another."
+        ) from None
+
+
+def check_utf8_chunks(path: str, chunk_size: int) -> None:
+    """Decode the file a chunk at a time, so a large corpus is never held whole."""
     offset, pending = 0, b""
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
