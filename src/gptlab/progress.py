@@ -13,11 +13,8 @@ import threading
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks.progress.tqdm_progress import (
-    Tqdm,
-    TQDMProgressBar,
-    convert_inf,
-)
+from lightning.pytorch.callbacks import TQDMProgressBar
+from tqdm import tqdm
 
 from gptlab.callbacks import GracefulInterrupt
 
@@ -61,16 +58,18 @@ class RunProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 10, process_position: int = 0) -> None:
         super().__init__(refresh_rate=refresh_rate, process_position=process_position)
         self._shown_step = -1
+        self._drawn = False
 
     @property
     def train_description(self) -> str:
         return f"Epoch {self.trainer.current_epoch}"
 
-    def init_train_tqdm(self) -> Tqdm:
+    def init_train_tqdm(self) -> tqdm:
         trainer = self.trainer
-        return Tqdm(
+        total = trainer.estimated_stepping_batches
+        return tqdm(
             desc=self.train_description,
-            total=convert_inf(trainer.estimated_stepping_batches),
+            total=None if math.isinf(total) else total,
             initial=trainer.global_step,
             position=2 * self.process_position,
             disable=self.is_disabled,
@@ -85,15 +84,15 @@ class RunProgressBar(TQDMProgressBar):
     def sanity_check_description(self) -> str:
         return "Validating the untrained model"
 
-    def init_sanity_tqdm(self) -> Tqdm:
+    def init_sanity_tqdm(self) -> tqdm:
         """gptlab's sanity check is the untrained model's validation, drawn as one."""
         return self.init_validation_tqdm()
 
-    def init_validation_tqdm(self) -> Tqdm:
+    def init_validation_tqdm(self) -> tqdm:
         """Below the training bar, and gone when done: val/loss goes to the training postfix."""
         sanity = self.trainer.sanity_checking
         has_main_bar = self.trainer.state.fn != "validate" and not sanity
-        return Tqdm(
+        return tqdm(
             desc=self.sanity_check_description if sanity else self.validation_description,
             position=2 * self.process_position + has_main_bar,
             disable=self.is_disabled,
@@ -105,10 +104,10 @@ class RunProgressBar(TQDMProgressBar):
 
     def on_train_start(self, *_: Any) -> None:
         """No bar yet: it is drawn when the first epoch starts, once every callback has started."""
-        self._train_progress_bar = None
+        self._drawn = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        if self._train_progress_bar is None:
+        if not self._drawn:
             # After GracefulInterrupt.setup, so the hint is said only once Ctrl-C
             # does what it says, and before the bar is drawn, so it gets a line of its own.
             interruptible = any(isinstance(c, GracefulInterrupt) for c in trainer.callbacks)
@@ -116,6 +115,7 @@ class RunProgressBar(TQDMProgressBar):
             if interruptible and on_main_thread and trainer.is_global_zero:
                 log.info(INTERRUPT_HINT)
             self.train_progress_bar = self.init_train_tqdm()
+            self._drawn = True
             self._shown_step = trainer.global_step
         elif not self.train_progress_bar.disable:
             self.train_progress_bar.set_description(self.train_description)
@@ -129,11 +129,12 @@ class RunProgressBar(TQDMProgressBar):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        if step != self._shown_step and self._should_update(step, self.train_progress_bar.total):
+        due = step % self.refresh_rate == 0 or step == self.train_progress_bar.total
+        if step != self._shown_step and self.is_enabled and due:
             self._show(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._train_progress_bar is None:  # ended before its first epoch started
+        if not self._drawn:  # ended before its first epoch started
             return
         self._show(trainer, pl_module)
         self.train_progress_bar.close()

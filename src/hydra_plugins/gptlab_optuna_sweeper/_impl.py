@@ -8,7 +8,9 @@ local processes, or on SLURM through hydra-submitit-launcher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -257,10 +259,16 @@ class OptunaSweep(Sweeper):
     def outcome(job: JobReturn) -> tuple[TrialState, BaseException | None]:
         if job.status == JobStatus.COMPLETED:
             return TrialState.COMPLETE, None
-        error = job._return_value  # `return_value` would re-raise it, with a misleading message
-        if isinstance(error, optuna.TrialPruned):
+        try:
+            # Hydra re-raises a failed job's error here, after printing "Error executing job",
+            # which a pruned trial is not: that line is dropped.
+            with contextlib.redirect_stderr(io.StringIO()):
+                job.return_value  # noqa: B018
+        except optuna.TrialPruned:
             return TrialState.PRUNED, None
-        return TrialState.FAIL, error if isinstance(error, BaseException) else None
+        except BaseException as error:
+            return TrialState.FAIL, error
+        return TrialState.FAIL, None
 
     @staticmethod
     def tell(
