@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.corpus import CorpusSpec, load_pydocs
-from gptlab.prepared import prepare_corpus
+from gptlab.data.corpus import CorpusSpec, load_pydocs
+from gptlab.data.prepared import prepare_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FILE_BYTES = 1 << 20

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 
 from gptlab.cli import model_preset
-from gptlab.generation import encode_prompt, generate, generate_text_simple
-from gptlab.model import GPTConfig, build_model
-from gptlab.settings import model_settings
-from gptlab.tokenizers import GPT2Tokenizer
+from gptlab.inference.generation import encode_prompt, generate, generate_text_simple
+from gptlab.model.gpt import GPTConfig, build_model
+from gptlab.model.tokenizers import GPT2Tokenizer
+from gptlab.training.settings import model_settings
 
 
 def timed(run: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:

@@ -12,9 +12,9 @@ import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gptlab.data import GPTDataModule
+from gptlab.data.datamodule import GPTDataModule
 from gptlab.runs import register_resolvers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -133,3 +133,12 @@ def job_dir(sweep_dir: Path, number: int | str) -> Path:
     found = [d for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("-")[0] == str(number)]
     assert len(found) == 1, f"job {number} in {sweep_dir}: {found}"
     return found[0]
+
+
+def model_preset(name: str) -> dict:
+    """A `conf/model/<name>.yaml` preset as composed (its defaults applied), resolved."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"model={name}"])
+    GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg.model, resolve=True)

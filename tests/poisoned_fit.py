@@ -14,11 +14,11 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from gptlab.benchmark import random_batches
-from gptlab.callbacks import NonFiniteLossGuard
 from gptlab.errors import NonFiniteLossError
-from gptlab.module import GPTLightningModule
-from gptlab.tokenizers import CharTokenizer
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.benchmark import random_batches
+from gptlab.training.callbacks import NonFiniteLossGuard
+from gptlab.training.module import GPTLightningModule
 
 POISONED_STEP = 3
 

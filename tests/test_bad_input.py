@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, TIKTOKEN_CACHE, TINY_RUN, run_script
-from gptlab.corpus import check_utf8
+from gptlab.data.corpus import check_utf8
 from gptlab.errors import ConfigError
 
 EXIT_CONFIG_ERROR = 2

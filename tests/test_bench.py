@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import run_script
-from gptlab.benchmark import Timings, lightning_round, plain_round, random_batches
-from gptlab.model import GPTModel
-from gptlab.module import GPTLightningModule, model_loss
-from gptlab.optim import OptimizerSettings
-from gptlab.tokenizers import CharTokenizer
+from gptlab.model.gpt import GPTModel
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.benchmark import Timings, lightning_round, plain_round, random_batches
+from gptlab.training.module import GPTLightningModule, model_loss
+from gptlab.training.optim import OptimizerSettings
 
 
 def test_plain_loop_trains_exactly_like_the_lightning_step() -> None:

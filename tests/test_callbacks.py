@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import cpu_trainer
-from gptlab.benchmark import random_batches
-from gptlab.callbacks import FinalValidation, GracefulInterrupt, NonFiniteLossGuard
 from gptlab.errors import NonFiniteLossError, StoppedBeforeTraining
-from gptlab.module import GPTLightningModule
-from gptlab.tokenizers import CharTokenizer
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.benchmark import random_batches
+from gptlab.training.callbacks import FinalValidation, GracefulInterrupt, NonFiniteLossGuard
+from gptlab.training.module import GPTLightningModule
 
 
 def tiny_module(lr: float, fused: bool = False) -> GPTLightningModule:

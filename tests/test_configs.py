@@ -11,19 +11,19 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF_DIR, needs_shared_data, needs_tiktoken, run_script
-from gptlab.checkpoints import (
+from gptlab.data.corpus import SOURCES, CorpusSpec
+from gptlab.data.datamodule import LoaderSettings
+from gptlab.errors import ConfigError
+from gptlab.model.gpt import GPTConfig
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.checkpoints import (
     ARCHITECTURE_FIELDS,
     LAYOUT_FIELDS,
     TRAINING_ONLY_FIELDS,
     SavedRun,
 )
-from gptlab.corpus import SOURCES, CorpusSpec
-from gptlab.data import LoaderSettings
-from gptlab.errors import ConfigError
-from gptlab.model import GPTConfig
-from gptlab.settings import resolve_precision
-from gptlab.tokenizers import CharTokenizer
-from gptlab.train import build_trainer, validate
+from gptlab.training.run import build_trainer, validate
+from gptlab.training.settings import resolve_precision
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith("_"))
 DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if not p.stem.startswith("_"))

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from gptlab.console import DECIDED_LOG_MESSAGES, DropMessages, quiet_lightning
+from gptlab.training.console import DECIDED_LOG_MESSAGES, DropMessages, quiet_lightning
 
 # What each decided message says, as Lightning 2.6 and torch word it.
 DECIDED = (

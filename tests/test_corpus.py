@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA, needs_shared_data
-from gptlab.corpus import CORPORA, CorpusSpec, DownloadableCorpus, fetch_corpus, sha256_of
+from gptlab.data.corpus import CORPORA, CorpusSpec, DownloadableCorpus, fetch_corpus, sha256_of
 from gptlab.errors import ConfigError
 
 

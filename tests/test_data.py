@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_datamodule, needs_shared_data, needs_tiktoken
-from gptlab.data import TokenWindows, split_tokens
+from gptlab.data.datamodule import TokenWindows, split_tokens
 from gptlab.errors import ConfigError
 
 

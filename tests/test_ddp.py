@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, cpu_trainer, make_datamodule, run_script
-from gptlab.module import GPTLightningModule
+from gptlab.training.module import GPTLightningModule
 
 DDP_CPU = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
 

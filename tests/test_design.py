@@ -1,5 +1,6 @@
 """The rules docs/design.md states, checked on the source: public APIs of our dependencies
-only, a model importable without Lightning or Hydra, and no import cycles."""
+only, a model importable without Lightning or Hydra, which package may import which, and no
+import cycles."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ PACKAGE = SRC / "gptlab"
 PUBLIC_UNDERSCORED = re.compile(r"^_\w+_$")
 OWN_PRIVATE_MODULES = {"hydra_plugins.gptlab_optuna_sweeper._impl"}
 # Plain PyTorch: what a user takes elsewhere must import without the training stack.
-MODEL_MODULES = ("model", "tokenizers", "pretrained", "generation", "sharding")
+PLAIN_TORCH_MODULES = ("model", "inference.generation", "training.sharding")
+# The gptlab packages each package may import (gptlab's root modules aside).
+ALLOWED_IMPORTS = {
+    "model": set(),
+    "data": {"model"},
+    "training": {"model", "data", "inference"},
+    "inference": {"model", "data", "training"},
+    "sweeps": {"training"},
+}
 
 
 def parsed_sources() -> list[tuple[Path, ast.AST]]:
@@ -60,7 +69,7 @@ def test_no_private_name_of_another_library_is_used() -> None:
 
 
 def test_the_model_imports_without_lightning_or_hydra() -> None:
-    modules = ", ".join(f"gptlab.{name}" for name in MODEL_MODULES)
+    modules = ", ".join(f"gptlab.{name}" for name in PLAIN_TORCH_MODULES)
     code = (
         f"import sys; import {modules}; "
         "print(sorted(m for m in ('lightning', 'hydra', 'omegaconf') if m in sys.modules))"
@@ -72,23 +81,47 @@ def test_the_model_imports_without_lightning_or_hydra() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def module_name(path: Path) -> str:
+    """`training.run` for src/gptlab/training/run.py; `model` for its package's __init__."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def imported_modules(tree: ast.AST) -> set[str]:
-    """gptlab modules a source imports, at the top or inside a function."""
+    """gptlab modules a source imports, at the top or inside a function (without `gptlab.`)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gptlab."):
-            names.add(node.module.split(".")[1])
+            names.add(node.module.removeprefix("gptlab."))
         elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gptlab.")}
+            names |= {a.name.removeprefix("gptlab.") for a in node.names if a.name[:7] == "gptlab."}
     return names
 
 
-def test_no_two_modules_import_each_other_even_through_others() -> None:
-    graph = {
-        path.stem: imported_modules(tree)
+def import_graph() -> dict[str, set[str]]:
+    return {
+        module_name(path): imported_modules(tree)
         for path, tree in parsed_sources()
-        if path.parent == PACKAGE
+        if PACKAGE in path.parents and module_name(path)
     }
+
+
+def test_each_package_imports_only_the_packages_below_it() -> None:
+    crossings = []
+    for module, imported in import_graph().items():
+        package = module.split(".")[0]
+        if package not in ALLOWED_IMPORTS:
+            continue  # a root module: the commands and small shared helpers
+        for name in imported:
+            target = name.split(".")[0]
+            allowed = {package, *ALLOWED_IMPORTS[package]}
+            if target in ALLOWED_IMPORTS and target not in allowed:
+                crossings.append(f"{module} imports {name}")
+    assert not crossings, crossings
+
+
+def test_no_two_modules_import_each_other_even_through_others() -> None:
+    graph = import_graph()
     assert len(graph) > 30
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
@@ -99,3 +132,14 @@ def test_no_two_modules_import_each_other_even_through_others() -> None:
 
     cycles = [module for module in graph if reaches(module, module, {module})]
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_the_classes_people_import_come_from_gptlab() -> None:
+    import gptlab
+    from gptlab.data.datamodule import GPTDataModule
+    from gptlab.model.gpt import GPTConfig, GPTModel
+    from gptlab.training.module import GPTLightningModule
+
+    assert gptlab.GPTLightningModule is GPTLightningModule
+    assert (gptlab.GPTModel, gptlab.GPTConfig) == (GPTModel, GPTConfig)
+    assert gptlab.GPTDataModule is GPTDataModule

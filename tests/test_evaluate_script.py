@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_RUN, make_datamodule, run_script
 from gptlab.errors import ConfigError
-from gptlab.evaluation import check_evaluate_config
-from gptlab.loading import load_checkpoint
-from gptlab.module import next_token_loss
+from gptlab.inference.evaluation import check_evaluate_config
+from gptlab.inference.loading import load_checkpoint
+from gptlab.training.module import next_token_loss
 
 
 @pytest.fixture(scope="module")

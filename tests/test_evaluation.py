@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from gptlab.errors import ConfigError
-from gptlab.evaluation import format_rows, score, token_rows, token_windows
-from gptlab.model import GPTConfig, GPTModel
-from gptlab.tokenizers import CharTokenizer
+from gptlab.inference.evaluation import format_rows, score, token_rows, token_windows
+from gptlab.model.gpt import GPTConfig, GPTModel
+from gptlab.model.tokenizers import CharTokenizer
 
 TEXT = "the cat sat on the mat; the rat ate the hat. "
 

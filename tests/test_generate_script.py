@@ -9,8 +9,8 @@ import torch
 
 from conftest import TINY_RUN, run_script
 from gptlab.errors import ConfigError
-from gptlab.generation import encode_prompt, generate, stream_tokens
-from gptlab.loading import find_last_checkpoint, load_checkpoint
+from gptlab.inference.generation import encode_prompt, generate, stream_tokens
+from gptlab.inference.loading import find_last_checkpoint, load_checkpoint
 
 
 @pytest.fixture(scope="module")

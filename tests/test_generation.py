@@ -7,7 +7,7 @@ import torch
 
 from conftest import needs_tiktoken
 from gptlab.errors import ConfigError
-from gptlab.generation import (
+from gptlab.inference.generation import (
     check_sampling,
     encode_prompt,
     generate,
@@ -16,8 +16,8 @@ from gptlab.generation import (
     stream_text,
     stream_tokens,
 )
-from gptlab.model import BigramModel, GPTConfig, GPTModel
-from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer
+from gptlab.model.gpt import BigramModel, GPTConfig, GPTModel
+from gptlab.model.tokenizers import CharTokenizer, GPT2Tokenizer
 
 CONTEXT = 8
 

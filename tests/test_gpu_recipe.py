@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, cpu_trainer, run_script
-from gptlab.benchmark import random_batches
-from gptlab.callbacks import NonFiniteLossGuard
-from gptlab.module import GPTLightningModule
-from gptlab.monitor import TrainingMonitor
-from gptlab.tokenizers import CharTokenizer
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.benchmark import random_batches
+from gptlab.training.callbacks import NonFiniteLossGuard
+from gptlab.training.module import GPTLightningModule
+from gptlab.training.monitor import TrainingMonitor
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_compiler = pytest.mark.skipif(

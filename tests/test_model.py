@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from gptlab.cli import model_preset
+from conftest import model_preset
 from gptlab.errors import ConfigError
-from gptlab.model import BigramModel, GPTConfig, GPTModel, MultiHeadAttention, count_parameters
-from gptlab.settings import model_settings
+from gptlab.model.gpt import BigramModel, GPTConfig, GPTModel, MultiHeadAttention, count_parameters
+from gptlab.training.settings import model_settings
 
 TINY = GPTConfig(vocab_size=50, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 

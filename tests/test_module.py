@@ -11,8 +11,8 @@ import torch
 
 from conftest import make_datamodule
 from gptlab.errors import ConfigError
-from gptlab.module import GPTLightningModule, model_loss, next_token_loss
-from gptlab.tokenizers import CharTokenizer
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.module import GPTLightningModule, model_loss, next_token_loss
 
 TINY_MODEL = {
     "vocab_size": 20,

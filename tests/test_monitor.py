@@ -18,14 +18,14 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from conftest import CONF_DIR, TINY_RUN, cpu_trainer
-from gptlab.benchmark import random_batches
-from gptlab.model import GPTConfig, build_model, count_parameters
-from gptlab.module import GPTLightningModule
-from gptlab.monitor import TrainingMonitor
-from gptlab.settings import model_settings
-from gptlab.sweep import RUN_RECORD
-from gptlab.tokenizers import CharTokenizer
-from gptlab.train import run
+from gptlab.model.gpt import GPTConfig, build_model, count_parameters
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.benchmark import random_batches
+from gptlab.training.module import GPTLightningModule
+from gptlab.training.monitor import TrainingMonitor
+from gptlab.training.records import RUN_RECORD
+from gptlab.training.run import run
+from gptlab.training.settings import model_settings
 
 STEPS = 10
 VAL_EVERY = 5

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from gptlab.errors import ConfigError
-from gptlab.optim import OptimizerSettings
+from gptlab.training.optim import OptimizerSettings
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:

@@ -25,7 +25,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from conftest import REPO_ROOT, TINY_RUN, job_dir, run_script, script_env  # noqa: E402
 from gptlab.errors import ConfigError, TrainingInterrupted  # noqa: E402
-from gptlab.optuna_study import (  # noqa: E402
+from gptlab.sweeps.optuna_study import (  # noqa: E402
     HEARTBEAT_ATTR,
     fail_stale_trials,
     hyperband_in_steps,
@@ -33,7 +33,7 @@ from gptlab.optuna_study import (  # noqa: E402
     open_storage,
     parse_storage,
 )
-from gptlab.sweep import RUN_RECORD, status_of  # noqa: E402
+from gptlab.training.records import RUN_RECORD, status_of  # noqa: E402
 from hydra_plugins.gptlab_optuna_sweeper._impl import SearchSpace  # noqa: E402
 
 STEPS = 40
@@ -457,7 +457,7 @@ def test_optuna_search_composes_with_the_slurm_launcher(compose_train_config) ->
     assert cfg.hydra.sweeper._target_.endswith("GptlabOptunaSweeper")
     assert cfg.hydra.sweeper.storage is None
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
-    assert cfg.callbacks.optuna_pruning._target_ == "gptlab.pruning.OptunaPruning"
+    assert cfg.callbacks.optuna_pruning._target_ == "gptlab.sweeps.pruning.OptunaPruning"
 
 
 def test_hydra_finds_the_sweeper_as_installed_without_src_on_the_path(tmp_path: Path) -> None:

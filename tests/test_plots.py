@@ -18,18 +18,16 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from matplotlib.text import Text
 
-from gptlab.plots import (
+from gptlab.sweeps.plots import (
     BEST_COLOUR,
     MAX_LABEL_CHARS,
     PRUNED_COLOUR,
     RUN_COLOUR,
-    loss_figure,
-    plot_losses,
     plot_summary,
     run_label,
-    step_scale,
     summary_figure,
 )
+from gptlab.training.plots import loss_figure, plot_losses, step_scale
 
 Points = list[tuple[int, int, float]]
 
@@ -153,7 +151,7 @@ def test_loss_plot_handles_a_resumed_history_and_no_validation(tmp_path: Path) -
 
 
 def row(run: int, swept: dict[str, str], loss: float | None, status: str) -> dict[str, Any]:
-    """A row as `gptlab.sweep.summary_rows` gives it."""
+    """A row as `gptlab.sweeps.summary.summary_rows` gives it."""
     shown = [f"{key}={value}" for key, value in swept.items()]
     return {
         "run": str(run),

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, make_datamodule, needs_tiktoken, run_script
-from gptlab.corpus import CorpusSpec
-from gptlab.data import TokenWindows, split_tokens
+from gptlab.data.corpus import CorpusSpec
+from gptlab.data.datamodule import TokenWindows, split_tokens
+from gptlab.data.prepared import TokenFile, open_prepared, prepare_corpus
 from gptlab.errors import ConfigError
-from gptlab.loading import load_checkpoint
-from gptlab.module import next_token_loss
-from gptlab.prepared import TokenFile, open_prepared, prepare_corpus
-from gptlab.tokenizers import GPT2Tokenizer
+from gptlab.inference.loading import load_checkpoint
+from gptlab.model.tokenizers import GPT2Tokenizer
+from gptlab.training.module import next_token_loss
 
 WORDS = ["the", "a", "model", "token", "window", "memory", "corpus", "train", "loss", "of"]
 

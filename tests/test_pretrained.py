@@ -9,11 +9,16 @@ import torch
 
 from conftest import needs_shared_data, needs_tiktoken, run_script
 from gptlab.errors import ConfigError
-from gptlab.generation import generate
-from gptlab.loading import find_initial_weights, load_checkpoint, load_initial_weights, load_model
-from gptlab.model import GPTConfig, GPTModel
-from gptlab.module import GPTLightningModule
-from gptlab.pretrained import gpt2_weights, load_gpt2, resolve_weights
+from gptlab.inference.generation import generate
+from gptlab.inference.loading import (
+    find_initial_weights,
+    load_checkpoint,
+    load_initial_weights,
+    load_model,
+)
+from gptlab.model.gpt import GPTConfig, GPTModel
+from gptlab.model.pretrained import gpt2_weights, load_gpt2, resolve_weights
+from gptlab.training.module import GPTLightningModule
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,7 +136,7 @@ def test_missing_and_corrupt_lightning_checkpoints_are_config_errors(tmp_path: P
 
 @needs_tiktoken
 def test_generate_script_samples_from_gpt2_weights(gpt2_vocab_folder: Path) -> None:
-    from gptlab.tokenizers import GPT2Tokenizer
+    from gptlab.model.tokenizers import GPT2Tokenizer
 
     result = run_script(
         "generate.py", f"pretrained={gpt2_vocab_folder}", "max_new_tokens=8", "stop_at_eot=false"

@@ -11,10 +11,10 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY_RUN, needs_shared_data, run_script
-from gptlab.benchmark import random_batches
-from gptlab.module import GPTLightningModule
-from gptlab.progress import INTERRUPT_HINT, RunProgressBar, format_metric
-from gptlab.tokenizers import CharTokenizer
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.benchmark import random_batches
+from gptlab.training.module import GPTLightningModule
+from gptlab.training.progress import INTERRUPT_HINT, RunProgressBar, format_metric
 
 VOCAB, CONTEXT, BATCH = 16, 8, 4
 # A bar as tqdm draws it: "Epoch 2:  60%|██████    | 24/40 steps [...]".

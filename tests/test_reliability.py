@@ -27,8 +27,8 @@ from matplotlib.image import imread
 
 from conftest import REPO_ROOT, TINY_RUN, run_script, script_env
 from gptlab.atomic import remove_stale_temporaries
-from gptlab.checkpoints import AtomicCheckpointIO
 from gptlab.runs import claim_new_dir
+from gptlab.training.checkpoints import AtomicCheckpointIO
 from test_resume import curve
 
 QUICK_RUN = tuple(o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trainer.val_")))

@@ -17,9 +17,9 @@ from omegaconf import DictConfig, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO_ROOT, TINY_RUN, run_script, script_env
-from gptlab.data import TokenWindows
-from gptlab.sampling import ResumableDataLoader, ResumableSampler
-from gptlab.train import run
+from gptlab.data.datamodule import TokenWindows
+from gptlab.data.sampling import ResumableDataLoader, ResumableSampler
+from gptlab.training.run import run
 
 MAX_STEPS = 60
 RUN = (

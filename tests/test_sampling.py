@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DistributedSampler
 
-from gptlab.sampling import ResumableSampler, WindowPermutation
+from gptlab.data.sampling import ResumableSampler, WindowPermutation
 
 
 class Windows:

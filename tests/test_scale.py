@@ -12,18 +12,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import cpu_trainer
 from gptlab.errors import ConfigError
-from gptlab.flops import (
+from gptlab.inference.generation import generate
+from gptlab.model.gpt import GPTConfig, GPTModel, count_parameters
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.flops import (
     measured_flops_per_batch,
     peak_flops,
     tabled_peak_flops,
     training_flops_per_batch,
 )
-from gptlab.generation import generate
-from gptlab.model import GPTConfig, GPTModel, count_parameters
-from gptlab.module import GPTLightningModule, model_loss, next_token_loss
-from gptlab.monitor import TrainingMonitor
-from gptlab.tokenizers import CharTokenizer
-from gptlab.train import build_trainer, validate
+from gptlab.training.module import GPTLightningModule, model_loss, next_token_loss
+from gptlab.training.monitor import TrainingMonitor
+from gptlab.training.run import build_trainer, validate
 
 GPT124M = {"vocab_size": 50257, "context_length": 256, "drop_rate": 0.1}
 

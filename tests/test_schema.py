@@ -15,13 +15,13 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from gptlab.data import CorpusSpec, LoaderSettings
+from gptlab.data.datamodule import CorpusSpec, LoaderSettings
 from gptlab.errors import ConfigError
-from gptlab.model import GPTConfig
-from gptlab.optim import OptimizerSettings
+from gptlab.model.gpt import GPTConfig
 from gptlab.schema import conforms, init_parameters
-from gptlab.settings import ModelUse, RunKeys
-from gptlab.train import build_trainer, validate
+from gptlab.training.optim import OptimizerSettings
+from gptlab.training.run import build_trainer, validate
+from gptlab.training.settings import ModelUse, RunKeys
 
 BASE = ("model=tiny", "trainer=cpu")
 

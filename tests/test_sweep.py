@@ -18,19 +18,11 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from conftest import TINY_RUN, job_dir, run_script
 from gptlab.cli import exit_on_reported_error
 from gptlab.errors import EXIT_CONFIG_ERROR, ConfigError
-from gptlab.plots import single_numeric_parameter
-from gptlab.sweep import (
-    RUN_RECORD,
-    RunRecord,
-    console_table,
-    job_subdir,
-    summary_rows,
-    winner,
-    write_run_record,
-    write_summary,
-    write_swept_keys,
-)
-from gptlab.train import run, validate
+from gptlab.jobs import job_subdir, write_swept_keys
+from gptlab.sweeps.plots import single_numeric_parameter
+from gptlab.sweeps.summary import console_table, summary_rows, winner, write_summary
+from gptlab.training.records import RUN_RECORD, RunRecord, write_run_record
+from gptlab.training.run import run, validate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SHORT_STEPS = 6

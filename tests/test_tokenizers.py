@@ -6,7 +6,7 @@ import pytest
 
 from conftest import needs_tiktoken
 from gptlab.errors import ConfigError
-from gptlab.tokenizers import CharTokenizer, build_tokenizer, tokenizer_from_dict
+from gptlab.model.tokenizers import CharTokenizer, build_tokenizer, tokenizer_from_dict
 
 
 @needs_tiktoken

@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_RUN, run_script
-from gptlab.module import GPTLightningModule
+from gptlab.training.module import GPTLightningModule
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ def exit_on_reported_error(task: Callable[..., T]) -> Callable[..., T]:
         try:
             return task(*args, **kwargs)
         except REPORTED_ERRORS as err:
-            from gptlab.sweep import in_multirun
+            from gptlab.jobs import in_multirun
 
             if in_multirun():
                 log.error("%s", err)
@@ -101,8 +101,8 @@ def hydra_command(
         try:
             import hydra
 
-            from gptlab.console import quiet_lightning
             from gptlab.runs import register_resolvers
+            from gptlab.training.console import quiet_lightning
 
             expose_hydra_plugins()
             register_resolvers()
@@ -219,10 +219,10 @@ def unwritable_place(place: Path) -> str | None:
 
 def train_task(cfg: DictConfig) -> float:
     """Train a GPT; returns the best val loss, which Hydra sweepers minimise."""
-    from gptlab.checkpoints import last_checkpoint
-    from gptlab.distributed import sweep_job
-    from gptlab.sweep import RUN_RECORD
-    from gptlab.train import run
+    from gptlab.training.checkpoints import last_checkpoint
+    from gptlab.training.distributed import sweep_job
+    from gptlab.training.records import RUN_RECORD
+    from gptlab.training.run import run
 
     run_dir = Path(cfg.paths.output_dir)
     record = file_version(run_dir / RUN_RECORD)
@@ -259,15 +259,15 @@ def generate_task(cfg: DictConfig) -> None:
     """Sample text from a checkpoint or GPT-2 weights; tokens stream to stdout as they come."""
     import torch
 
-    from gptlab.generation import (
+    from gptlab.inference.generation import (
         check_sampling,
         encode_prompt,
         seeded_generator,
         stream_text,
         stream_tokens,
     )
-    from gptlab.loading import load_model
-    from gptlab.settings import resolve_device
+    from gptlab.inference.loading import load_model
+    from gptlab.training.settings import resolve_device
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.num_samples)
     device = resolve_device(cfg.device)
@@ -302,7 +302,7 @@ def generate_task(cfg: DictConfig) -> None:
 
 def evaluate_task(cfg: DictConfig) -> None:
     """Loss, perplexity and next-token accuracy of a model on a text file or a data split."""
-    from gptlab.evaluation import evaluate
+    from gptlab.inference.evaluation import evaluate
 
     evaluate(cfg)
 
@@ -311,8 +311,8 @@ def prepare_task(cfg: DictConfig) -> None:
     """Tokenise a corpus once into tokens.bin and meta.json, for data=prepared."""
     from omegaconf import OmegaConf
 
-    from gptlab.corpus import CorpusSpec
-    from gptlab.prepared import prepare_corpus
+    from gptlab.data.corpus import CorpusSpec
+    from gptlab.data.prepared import prepare_corpus
 
     out_dir = Path(cfg.out_dir).expanduser()
     corpus = CorpusSpec.from_mapping(OmegaConf.to_container(cfg.data, resolve=True))
@@ -326,7 +326,7 @@ def prepare_task(cfg: DictConfig) -> None:
 
 def bench_task(cfg: DictConfig) -> None:
     """Time gptlab's Lightning training step against a plain PyTorch loop."""
-    from gptlab.benchmark import benchmark_from_config
+    from gptlab.training.benchmark import benchmark_from_config
 
     benchmark_from_config(cfg)
 
@@ -345,7 +345,7 @@ def summarize() -> None:
     """Rank the runs of a sweep: write summary.csv, .md and .png and print the table."""
     import argparse
 
-    from gptlab.sweep import write_summary
+    from gptlab.sweeps.summary import write_summary
 
     parser = argparse.ArgumentParser(prog="gptlab-summarize", description=summarize.__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory")
@@ -353,16 +353,3 @@ def summarize() -> None:
     csv_path, md_path, png_path = write_summary(args.sweep_dir)
     print(md_path.read_text())
     print(f"Wrote {csv_path}, {md_path} and {png_path}")
-
-
-def model_preset(name: str) -> dict:
-    """A `conf/model/<name>.yaml` preset as composed (its defaults applied), resolved."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from gptlab.runs import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={name}"])
-    return OmegaConf.to_container(cfg.model, resolve=True)

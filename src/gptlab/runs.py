@@ -32,14 +32,14 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.atomic import atomic_write_text, remove_stale_temporaries
-from gptlab.checkpoints import CHECKPOINT_DIR, last_checkpoint
 from gptlab.errors import ConfigError
-from gptlab.sweep import job_subdir
+from gptlab.jobs import job_subdir
+from gptlab.training.checkpoints import CHECKPOINT_DIR, last_checkpoint
 
 LOCK_FILE = ".lock"
 HYDRA_DIR = ".hydra"
 # Run directories this process holds, and how many `owned` blocks hold each: the command
-# holds its run's directory, and `gptlab.train.run` (also called on its own) holds it again.
+# holds its run's directory, and `gptlab.training.run.run` (also called on its own) holds it again.
 HELD: dict[Path, int] = {}
 
 

@@ -2,7 +2,7 @@
 
 The study lives in a storage (a journal file by default), so a sweep that is run again
 continues it, several sweeps can share it, and each job finds its trial there to report
-validations to (`gptlab.pruning`). Hydra's launcher runs the jobs: in this process, in
+validations to (`gptlab.sweeps.pruning`). Hydra's launcher runs the jobs: in this process, in
 local processes, or on SLURM through hydra-submitit-launcher.
 """
 
@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 from gptlab.atomic import atomic_write_text
 from gptlab.checks import check_count
 from gptlab.errors import ConfigError
-from gptlab.optuna_study import (
+from gptlab.sweeps.optuna_study import (
     TRIAL_ENV,
     StorageSpec,
     count_states,
@@ -55,7 +55,7 @@ from gptlab.optuna_study import (
     parse_storage,
     trial_id,
 )
-from gptlab.sweep import error_line
+from gptlab.training.records import error_line
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class OptunaSweep(Sweeper):
 
     def job_overrides(self, space: SearchSpace, trial: optuna.Trial) -> list[str]:
         """The trial's overrides and the environment variable by which its job finds the trial
-        (`gptlab.pruning`). Jobs are numbered by trial, so a run directory is
+        (`gptlab.sweeps.pruning`). Jobs are numbered by trial, so a run directory is
         `<sweep dir>/<trial number>-<its parameters>` even across workers and resumes."""
         return [*space.overrides(trial.params), f"++hydra.job.env_set.{TRIAL_ENV}={trial.number}"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gptlab.errors import ConfigError
-from gptlab.tokenizers import Tokenizer, UnknownCharacters
+from gptlab.model.tokenizers import Tokenizer, UnknownCharacters
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, key: str = "prompt") -> list[int]:

@@ -1,7 +1,7 @@
 """Optuna studies that outlive a process: storage strings, pruners, samplers, stale trials.
 
 Shared by the sweeper (`hydra_plugins.gptlab_optuna_sweeper`), which asks and tells, and by
-`gptlab.pruning`, which finds the same study and trial again from inside a training job,
+`gptlab.sweeps.pruning`, which finds the same study and trial again from inside a training job,
 whichever process or machine that job runs in.
 """
 

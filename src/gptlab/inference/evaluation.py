@@ -20,12 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gptlab.checks import check_count
-from gptlab.data import GPTDataModule, LoaderSettings, TokenWindows, check_stride
+from gptlab.data.datamodule import GPTDataModule, LoaderSettings, TokenWindows, check_stride
+from gptlab.data.prepared import TokenFile
 from gptlab.errors import ConfigError
-from gptlab.loading import load_model
-from gptlab.prepared import TokenFile
-from gptlab.settings import resolve_device
-from gptlab.tokenizers import Tokenizer
+from gptlab.inference.loading import load_model
+from gptlab.model.tokenizers import Tokenizer
+from gptlab.training.settings import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
 
-from gptlab.sweep import in_multirun
+from gptlab.jobs import in_multirun
 
 
 def forward_ddp_children_to_this_job() -> None:

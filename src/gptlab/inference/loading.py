@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptlab.checkpoints import CHECKPOINT_SUFFIX, check_weights_fit, find_last_checkpoint
 from gptlab.errors import ConfigError
-from gptlab.model import GPTConfig
-from gptlab.module import GPTLightningModule
-from gptlab.pretrained import gpt2_weights, load_gpt2, read_failure, resolve_weights
-from gptlab.tokenizers import GPT2Tokenizer, Tokenizer
+from gptlab.model.gpt import GPTConfig
+from gptlab.model.pretrained import gpt2_weights, load_gpt2, read_failure, resolve_weights
+from gptlab.model.tokenizers import GPT2Tokenizer, Tokenizer
+from gptlab.training.checkpoints import CHECKPOINT_SUFFIX, check_weights_fit, find_last_checkpoint
+from gptlab.training.module import GPTLightningModule
 
 
 @dataclass

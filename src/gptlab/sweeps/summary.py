@@ -1,8 +1,6 @@
-"""Hyperparameter sweeps: each run's record, and the ranked summary of a multirun directory.
-
-Every run writes `<run dir>/run_summary.json` (see `write_run_record`), whether it completes or
-fails, so a sweep can be summarised from its directory alone: by the Hydra callback
-`SweepSummary` after every job of a multirun, or on demand by `scripts/summarize_sweep.py`.
+"""The ranked summary of a multirun directory: `summary.csv`, `summary.md`, `summary.png`
+and the console table, written by the Hydra callback `SweepSummary` after every job,
+or on demand by `scripts/summarize_sweep.py`.
 """
 
 from __future__ import annotations
@@ -11,32 +9,30 @@ import atexit
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gptlab.atomic import atomic_write_text
-from gptlab.errors import ConfigError, TrainingInterrupted
-from gptlab.overrides import as_number, run_name, short_override, split_override
-from gptlab.plots import plot_summary, status_counts
+from gptlab.errors import ConfigError
+from gptlab.jobs import sweep_definition_keys, write_swept_keys
+from gptlab.overrides import short_override, split_override
+from gptlab.sweeps.plots import plot_summary, status_counts
+from gptlab.training.records import RUN_RECORD, RunRecord, read_run_record
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD = "run_summary.json"
-# The keys a sweep varies, written when it starts, read to name its jobs.
-SWEEP_FILE = "sweep.json"
-MAX_JOB_NAME = 120
+
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
+
+
 COLUMNS = (
     "run",
     "overrides",
@@ -48,81 +44,6 @@ COLUMNS = (
     "status",
     "error",
 )
-
-
-@dataclasses.dataclass
-class RunRecord:
-    """What a sweep needs to know about one run; stored as `<run dir>/run_summary.json`."""
-
-    # running (or killed before it could say otherwise), completed, failed, interrupted
-    # (Ctrl-C, SIGTERM: resumable), pruned (stopped early by an Optuna pruner: its loss so
-    # far); `unknown` is what a summary shows for a run without a record.
-    status: str
-    overrides: list[str]
-    best_val_loss: float | None = None
-    val_ppl: float | None = None
-    steps: int | None = None
-    tokens_seen: int | None = None
-    wall_time_s: float | None = None
-    error: str | None = None
-    tokens_per_sec: float | None = None
-    # Where and how it trained: `NVIDIA H100 80GB HBM3` or `cpu`, the Lightning precision, and
-    # torch's float32 matmul precision (`high`: TF32 on GPUs that have it).
-    device: str | None = None
-    precision: str | None = None
-    float32_matmul_precision: str | None = None
-
-
-def error_line(err: BaseException) -> str:
-    """The exception's type and the first line of its message: enough to tell failures apart."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def status_of(err: BaseException) -> str:
-    """How a run that raised `err` ended: interrupted (resumable), pruned by Optuna, or failed.
-
-    Optuna is imported only by Optuna sweeps, so without it no run can be pruned.
-    """
-    if isinstance(err, TrainingInterrupted):
-        return "interrupted"
-    optuna = sys.modules.get("optuna")
-    if optuna is not None and isinstance(err, optuna.TrialPruned):
-        return "pruned"
-    return "failed"
-
-
-def write_run_record(run_dir: Path, record: RunRecord) -> Path:
-    path = Path(run_dir) / RUN_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
-    return path
-
-
-def read_run_record(run_dir: Path) -> RunRecord:
-    """The run's record, or an `unknown` one for a run dir without (not from gptlab's run)."""
-    path = run_dir / RUN_RECORD
-    if path.is_file():
-        # Keys this version does not know (from a newer gptlab) are left out, not an error.
-        known = {field.name for field in dataclasses.fields(RunRecord)}
-        data = json.loads(path.read_text())
-        return RunRecord(**{key: value for key, value in data.items() if key in known})
-    return RunRecord(
-        status="unknown",
-        overrides=hydra_overrides(run_dir),
-        error=f"no {RUN_RECORD}: see the log files in {run_dir}",
-    )
-
-
-def hydra_overrides(run_dir: Path) -> list[str]:
-    """The overrides Hydra saved for a run."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
-
-
-def in_multirun() -> bool:
-    """Whether this is one job of a Hydra sweep (`-m`)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def job_number(run_dir: Path) -> str:
@@ -143,53 +64,6 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
         return (int(number) if number.isdigit() else math.inf, d.name)
 
     return sorted(found, key=order)
-
-
-def write_swept_keys(sweep_dir: Path, keys: Sequence[str]) -> None:
-    """Record which keys a sweep varies, for its jobs' names (see `job_subdir`)."""
-    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(sweep_dir) / SWEEP_FILE, json.dumps({"swept": list(keys)}) + "\n")
-
-
-def swept_keys(sweep_dir: Path) -> list[str]:
-    path = Path(sweep_dir) / SWEEP_FILE
-    return json.loads(path.read_text())["swept"] if path.is_file() else []
-
-
-def sweep_definition_keys(config: DictConfig) -> list[str]:
-    """The keys a multirun varies: command-line sweeps (`a=1,2`, `range(...)`) and the
-    sweeper's `params` (grid values, or an Optuna search space)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
-    fixed = {o.key_or_group for o in overrides if not o.is_sweep_override()}
-    params = config.hydra.sweeper.get("params") or {}
-    return list(dict.fromkeys([*keys, *(k for k in params if k not in fixed)]))
-
-
-def job_subdir(sweep_dir: str, number: int, overrides: Sequence[str]) -> str:
-    """A sweep job's directory name, `<number>-<run name>`, which TensorBoard shows as the
-    run's name; filesystem-safe and at most MAX_JOB_NAME characters."""
-    name = run_name(list(overrides), swept_keys(Path(sweep_dir)))
-    name = "".join(c if c.isalnum() or c in "=,._+-" else "_" for c in name)[:MAX_JOB_NAME]
-    return f"{number}-{name}" if name else str(number)
-
-
-def swept_hparams() -> dict[str, float | str]:
-    """This sweep job's values of the keys its sweep varies, as HParams columns (`optimizer/lr`);
-    none outside a sweep."""
-    if not in_multirun():
-        return {}
-    hydra = HydraConfig.get()
-    given = dict(split_override(o) for o in hydra.overrides.task)
-    return {
-        key.replace(".", "/"): given[key]
-        if as_number(given[key]) is None
-        else as_number(given[key])
-        for key in swept_keys(Path(hydra.sweep.dir))
-        if key in given
-    }
 
 
 def varying_keys(records: Sequence[RunRecord]) -> list[str]:

@@ -1,114 +1,37 @@
-"""The PNGs a run and a sweep leave behind: `loss.png` and `summary.png`.
-
-Drawn with matplotlib's object API on the Agg canvas, so no GUI backend or global pyplot
-state is involved. matplotlib is imported inside the functions: only these writes need it,
-not every import of gptlab.
+"""`summary.png`: a sweep's best val losses against the swept value, or a bar per run.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from gptlab.atomic import atomic_write
 from gptlab.overrides import as_number, short_keys, short_override, split_override
+from gptlab.training.plots import save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+
 # How a sweep's runs end; statuses not listed here are counted after these, by name.
 STATUS_ORDER = ("completed", "pruned", "failed", "interrupted", "running", "unknown")
+
+
 BEST_COLOUR = "tab:green"
+
+
 RUN_COLOUR = "tab:blue"
+
+
 PRUNED_COLOUR = "0.7"
+
+
 # Longer run labels are cut, so that the bars keep most of the width; summary.md has them whole.
 MAX_LABEL_CHARS = 60
-
-
-def save_figure(fig: Figure, path: Path) -> None:
-    """Save atomically: a full disk never leaves a broken PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip("."), dpi=100))
-
-
-def linear_through(xs: np.ndarray, ys: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """The piecewise linear function through (xs, ys), continued along its end segments.
-
-    Continued rather than clamped, so that it stays invertible over an axis's margins.
-    """
-    first = (ys[1] - ys[0]) / (xs[1] - xs[0])
-    last = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-
-    def f(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=float)
-        y = np.interp(x, xs, ys)
-        y = np.where(x < xs[0], ys[0] + (x - xs[0]) * first, y)
-        return np.where(x > xs[-1], ys[-1] + (x - xs[-1]) * last, y)
-
-    return f
-
-
-def step_scale(
-    points: Sequence[tuple[int, int, float]],
-) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]] | None:
-    """Tokens seen to optimizer steps and back, through the recorded pairs and (0, 0).
-
-    Piecewise, because tokens per step change when a run resumes with another batch size.
-    Pairs that do not increase in both (a validation in the middle of an accumulated step)
-    are left out, so both directions stay monotonic. None when there is no step to show.
-    """
-    kept = [(0, 0)]
-    for tokens, step in sorted({(t, s) for t, s, _ in points}):
-        if tokens > kept[-1][0] and step > kept[-1][1]:
-            kept.append((tokens, step))
-    if len(kept) < 2:
-        return None
-    tokens, steps = (np.array(x, dtype=float) for x in zip(*kept, strict=True))
-    return linear_through(tokens, steps), linear_through(steps, tokens)
-
-
-def loss_figure(
-    train_losses: Sequence[tuple[int, int, float]],
-    val_losses: Sequence[tuple[int, int, float]],
-) -> Figure:
-    """Train and val loss against tokens seen, steps on the top axis: the book's plot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for points, label, style in (
-        (train_losses, "Training loss", {"linestyle": "-"}),
-        # Markers show where the validations were, which a line through few points hides.
-        (val_losses, "Validation loss", {"linestyle": "-.", "marker": "o"}),
-    ):
-        if points:
-            tokens, _, losses = zip(*points, strict=True)
-            ax.plot(tokens, losses, label=label, **style)
-    ax.set_xlabel("Tokens seen")
-    ax.set_ylabel("Loss")
-    ax.legend(loc="upper right")
-    scale = step_scale([*train_losses, *val_losses])
-    if scale is not None:
-        ax.secondary_xaxis("top", functions=scale).set_xlabel("Steps")
-    fig.tight_layout()
-    return fig
-
-
-def plot_losses(
-    train_losses: Sequence[tuple[int, int, float]],
-    val_losses: Sequence[tuple[int, int, float]],
-    path: Path,
-) -> None:
-    """Write `loss_figure` to `path` ((tokens seen, optimizer step, loss) triples)."""
-    save_figure(loss_figure(train_losses, val_losses), path)
 
 
 def status_counts(rows: Sequence[dict[str, Any]]) -> str:
@@ -239,5 +162,5 @@ def summary_figure(rows: Sequence[dict[str, Any]]) -> Figure:
 
 
 def plot_summary(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Write `summary_figure` of `gptlab.sweep.summary_rows` to `path`."""
+    """Write `summary_figure` of `gptlab.sweeps.summary.summary_rows` to `path`."""
     save_figure(summary_figure(rows), path)

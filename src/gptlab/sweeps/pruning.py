@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from gptlab.errors import ConfigError
-from gptlab.optuna_study import (
+from gptlab.sweeps.optuna_study import (
     TRIAL_ENV,
     find_trial,
     hyperband_in_steps,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 
-from gptlab.model import GPTConfig, build_model
+from gptlab.model.gpt import GPTConfig, build_model
 
 
 def matmul_parameters(config: GPTConfig) -> int:

@@ -20,10 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from gptlab.atomic import atomic_write
 from gptlab.checks import check_count
 from gptlab.errors import ConfigError
-from gptlab.model import GPTConfig
-from gptlab.pretrained import read_failure
-from gptlab.steps import optimizer_stepped
-from gptlab.tokenizers import Tokenizer
+from gptlab.model.gpt import GPTConfig
+from gptlab.model.pretrained import read_failure
+from gptlab.model.tokenizers import Tokenizer
+from gptlab.training.steps import optimizer_stepped
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"

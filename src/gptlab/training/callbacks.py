@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gptlab.checkpoints import RunCheckpoint, last_checkpoint, saved_step
 from gptlab.errors import (
     NonFiniteLossError,
     StoppedBeforeTraining,
     TrainingAborted,
     TrainingInterrupted,
 )
-from gptlab.optim import SCALED_PRECISION
 from gptlab.runs import slurm_job_id
-from gptlab.steps import is_final_step, optimizer_stepped
+from gptlab.training.checkpoints import RunCheckpoint, last_checkpoint, saved_step
+from gptlab.training.optim import SCALED_PRECISION
+from gptlab.training.steps import is_final_step, optimizer_stepped
 
 log = logging.getLogger(__name__)
 

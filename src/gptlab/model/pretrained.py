@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gptlab.errors import ConfigError
-from gptlab.model import GPTConfig, GPTModel
+from gptlab.model.gpt import GPTConfig, GPTModel
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Every published GPT-2 size uses 64-dimensional heads; used when config.json is missing.

@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm import tqdm
 
-from gptlab.callbacks import GracefulInterrupt
+from gptlab.training.callbacks import GracefulInterrupt
 
 log = logging.getLogger(__name__)
 

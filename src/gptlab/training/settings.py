@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.checks import check_count, is_count, is_number, reject_unknown
 from gptlab.errors import ConfigError
-from gptlab.model import GPTConfig
-from gptlab.module import check_compile_mode
-from gptlab.optim import OptimizerSettings
+from gptlab.model.gpt import GPTConfig
+from gptlab.model.tokenizers import TOKENIZER_NAMES
 from gptlab.schema import check_arguments, check_fields
-from gptlab.tokenizers import TOKENIZER_NAMES
+from gptlab.training.module import check_compile_mode
+from gptlab.training.optim import OptimizerSettings
 
 log = logging.getLogger(__name__)
 

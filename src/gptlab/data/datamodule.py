@@ -1,6 +1,6 @@
 """Token streams and the windows a GPT trains on, served by a LightningDataModule.
 
-The flow is corpus text (`gptlab.corpus`) -> tokenizer -> token stream -> train/val split ->
+The flow is corpus text (`gptlab.data.corpus`) -> tokenizer -> token stream -> train/val split ->
 windows of `context_length` inputs whose targets are the same tokens shifted by one.
 """
 
@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gptlab.checks import check_count, reject_unknown
-from gptlab.corpus import CorpusSpec
+from gptlab.data.corpus import CorpusSpec
+from gptlab.data.prepared import TokenFile, open_prepared, token_dtype
+from gptlab.data.sampling import RandomWindowSampler, ResumableDataLoader, ResumableSampler
 from gptlab.errors import ConfigError
-from gptlab.prepared import TokenFile, open_prepared, token_dtype
-from gptlab.sampling import RandomWindowSampler, ResumableDataLoader, ResumableSampler
+from gptlab.model.tokenizers import Tokenizer, build_tokenizer
 from gptlab.schema import check_fields
-from gptlab.tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 

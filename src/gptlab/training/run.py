@@ -22,28 +22,28 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.callbacks import checkpoint_callback
-from gptlab.checkpoints import (
+from gptlab.data.datamodule import GPTDataModule
+from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
+from gptlab.inference.generation import check_sampling, continue_prompt, encode_prompt
+from gptlab.inference.loading import find_initial_weights, load_checkpoint, load_initial_weights
+from gptlab.model.gpt import count_parameters
+from gptlab.model.tokenizers import GPT2Tokenizer
+from gptlab.runs import owned, requeued_checkpoint
+from gptlab.schema import check_arguments
+from gptlab.training.callbacks import checkpoint_callback
+from gptlab.training.checkpoints import (
     AtomicCheckpointIO,
     SavedRun,
     checkpoint_to_resume,
     last_checkpoint,
     saved_step,
 )
-from gptlab.data import GPTDataModule
-from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
-from gptlab.flops import device_name
-from gptlab.generation import check_sampling, continue_prompt, encode_prompt
-from gptlab.loading import find_initial_weights, load_checkpoint, load_initial_weights
-from gptlab.model import count_parameters
-from gptlab.module import GPTLightningModule, check_vocab_size
-from gptlab.monitor import TrainingMonitor
-from gptlab.runs import owned, requeued_checkpoint
-from gptlab.schema import check_arguments
-from gptlab.settings import RunSettings, configure_matmul_precision
-from gptlab.sharding import is_sharded
-from gptlab.sweep import RunRecord, error_line, status_of, write_run_record
-from gptlab.tokenizers import GPT2Tokenizer
+from gptlab.training.flops import device_name
+from gptlab.training.module import GPTLightningModule, check_vocab_size
+from gptlab.training.monitor import TrainingMonitor
+from gptlab.training.records import RunRecord, error_line, status_of, write_run_record
+from gptlab.training.settings import RunSettings, configure_matmul_precision
+from gptlab.training.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 

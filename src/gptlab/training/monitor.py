@@ -21,13 +21,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 
 from gptlab.errors import TrainingInterrupted
-from gptlab.flops import peak_flops, training_flops_per_batch
-from gptlab.generation import check_sampling, continue_prompt, encode_prompt
-from gptlab.model import build_model, count_parameters
-from gptlab.plots import plot_losses
-from gptlab.sharding import is_sharded, whole_state_dict
-from gptlab.steps import is_final_step, optimizer_stepped
-from gptlab.sweep import swept_hparams
+from gptlab.inference.generation import check_sampling, continue_prompt, encode_prompt
+from gptlab.jobs import swept_hparams
+from gptlab.model.gpt import build_model, count_parameters
+from gptlab.training.flops import peak_flops, training_flops_per_batch
+from gptlab.training.plots import plot_losses
+from gptlab.training.sharding import is_sharded, whole_state_dict
+from gptlab.training.steps import is_final_step, optimizer_stepped
 
 log = logging.getLogger(__name__)
 

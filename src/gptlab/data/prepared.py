@@ -19,9 +19,9 @@ import numpy.typing as npt
 import pyarrow.compute as pc
 
 from gptlab.atomic import atomic_write_text, replacing
-from gptlab.corpus import CorpusSpec
+from gptlab.data.corpus import CorpusSpec
 from gptlab.errors import ConfigError
-from gptlab.tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_dict
+from gptlab.model.tokenizers import CharTokenizer, GPT2Tokenizer, tokenizer_from_dict
 
 TOKENS_FILE = "tokens.bin"
 METADATA_FILE = "meta.json"

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.errors import ConfigError
-from gptlab.model import GPTConfig, build_model
-from gptlab.optim import OptimizerSettings, build_adamw
-from gptlab.sharding import global_norm, is_sharded, shard_model
-from gptlab.tokenizers import Tokenizer, tokenizer_from_dict
+from gptlab.model.gpt import GPTConfig, build_model
+from gptlab.model.tokenizers import Tokenizer, tokenizer_from_dict
+from gptlab.training.optim import OptimizerSettings, build_adamw
+from gptlab.training.sharding import global_norm, is_sharded, shard_model
 
 log = logging.getLogger(__name__)
 

@@ -21,19 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from gptlab.checks import check_count
-from gptlab.flops import peak_flops, training_flops_per_batch
-from gptlab.model import GPTConfig, build_model
-from gptlab.module import GPTLightningModule, model_loss
-from gptlab.monitor import TrainingMonitor, compute_dtype, synchronized_clock
-from gptlab.optim import OptimizerSettings, build_adamw
-from gptlab.settings import (
+from gptlab.model.gpt import GPTConfig, build_model
+from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.flops import peak_flops, training_flops_per_batch
+from gptlab.training.module import GPTLightningModule, model_loss
+from gptlab.training.monitor import TrainingMonitor, compute_dtype, synchronized_clock
+from gptlab.training.optim import OptimizerSettings, build_adamw
+from gptlab.training.settings import (
     check_accelerator,
     configure_matmul_precision,
     device_type_of,
     model_settings,
     resolve_precision,
 )
-from gptlab.tokenizers import CharTokenizer
 
 VARIANTS = ("lightning", "plain")
 # GPT-2's BPE vocabulary, so gpt2 models are benchmarked without loading the tokenizer.

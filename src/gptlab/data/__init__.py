@@ -1,0 +1,2 @@
+"""Corpora, prepared token files, windows and samplers, and the LightningDataModule.
+"""

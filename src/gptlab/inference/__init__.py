@@ -1,0 +1,2 @@
+"""Using a model: loading checkpoints and weights, generation, evaluation.
+"""

@@ -1,0 +1,2 @@
+"""Sweep summaries and plots, and Optuna: the study and pruning.
+"""

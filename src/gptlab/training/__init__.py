@@ -1,0 +1,2 @@
+"""The LightningModule, the run's settings, the run itself and its callbacks.
+"""
