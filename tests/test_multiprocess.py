@@ -153,3 +153,16 @@ def test_a_nan_on_one_rank_stops_every_rank_before_any_steps(
     if strategy == "ddp":
         for name, weight in ranks[0]["weights"].items():
             assert torch.equal(weight, ranks[1]["weights"][name]), name
+
+
+def test_fsdp_runs_the_gpu_recipe_on_two_processes(tmp_path: Path) -> None:
+    """bf16-mixed (FSDP2 gathers in bf16, reduces in fp32), fused AdamW, clipping and
+    accumulation together, as `trainer=fsdp` runs them on GPUs."""
+    run_dir = tmp_path / "run"
+    recipe = ("trainer.precision=bf16-mixed", "optimizer.fused=true", "trainer.max_steps=4")
+    train(run_dir, *TWO_PROCESSES, *recipe, strategy="fsdp")
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # The sharded master weights stay fp32; only the gathered copies are bf16.
+    assert {tensor.dtype for tensor in state.values()} == {torch.float32}
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in state.values())
+    assert json.loads((run_dir / "run_summary.json").read_text())["precision"] == "bf16-mixed"

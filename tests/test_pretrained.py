@@ -126,7 +126,7 @@ def test_missing_and_corrupt_lightning_checkpoints_are_config_errors(tmp_path: P
         load_checkpoint(tmp_path / "missing.ckpt")
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"")
-    with pytest.raises(ConfigError, match="corrupt or incomplete"):
+    with pytest.raises(ConfigError, match="corrupt or truncated"):
         load_checkpoint(corrupt)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(1)}, foreign)

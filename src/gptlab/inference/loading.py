@@ -14,9 +14,14 @@ from torch import nn
 
 from gptlab.errors import ConfigError
 from gptlab.model.gpt import GPTConfig
-from gptlab.model.pretrained import gpt2_weights, load_gpt2, read_failure, resolve_weights
+from gptlab.model.pretrained import gpt2_weights, load_gpt2, resolve_weights
 from gptlab.model.tokenizers import GPT2Tokenizer, Tokenizer
-from gptlab.training.checkpoints import CHECKPOINT_SUFFIX, check_weights_fit, find_last_checkpoint
+from gptlab.training.checkpoints import (
+    CHECKPOINT_SUFFIX,
+    check_weights_fit,
+    find_last_checkpoint,
+    read_checkpoint,
+)
 from gptlab.training.module import GPTLightningModule
 
 
@@ -39,20 +44,8 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> GPTLightningModule:
             f"{key}={str(path)!r} is not a file: give the path of a .ckpt written by "
             f"scripts/train.py (e.g. outputs/<date>/<time>/checkpoints/last.ckpt) or ckpt=last."
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(
-            f"{key}={str(path)!r} could not be read as a checkpoint ({read_failure(err)}): it "
-            f"is corrupt or incomplete; use another checkpoint of the run, e.g. its best-*.ckpt."
-        ) from None
-    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
-        checkpoint
-    ):
-        raise ConfigError(
-            f"{key}={str(path)!r} is not a gptlab checkpoint: it lacks the state_dict and "
-            f"hyper_parameters that scripts/train.py saves."
-        )
+    instead = "use another checkpoint of the run, e.g. its best-*.ckpt."
+    checkpoint = read_checkpoint(path, f"{key}={str(path)!r}", instead)
     module = GPTLightningModule(**checkpoint["hyper_parameters"])
     try:
         module.load_state_dict(checkpoint["state_dict"])

@@ -147,6 +147,28 @@ def rebased_paths(state: dict[str, Any], old: Path, new: Path) -> dict[str, Any]
     return state
 
 
+def read_checkpoint(path: Path, what: str, instead: str) -> dict[str, Any]:
+    """A gptlab checkpoint, memory-mapped on the CPU: the one reader that resuming, generate,
+    evaluate and init_from share. A corrupt, cut-off or foreign file is one paragraph naming
+    `what` was given and what to do `instead`."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ConfigError(
+            f"{what} could not be read as a checkpoint ({read_failure(err)}): it is corrupt or "
+            f"truncated, e.g. copied or cut off before it was complete; {instead}"
+        ) from None
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if "state_dict" not in checkpoint or "model" not in hparams or "name" not in hparams.get(
+        "tokenizer", {}
+    ):
+        raise ConfigError(
+            f"{what} is not a gptlab checkpoint: it lacks the state_dict and the model and "
+            f"tokenizer settings (hyper_parameters) that scripts/train.py saves; {instead}"
+        )
+    return checkpoint
+
+
 def saved_step(path: Path) -> int | None:
     """The optimizer step a checkpoint was saved at, or None when there is none."""
     if not Path(path).is_file():
@@ -206,22 +228,10 @@ class SavedRun:
 
     @classmethod
     def read(cls, path: str | Path) -> SavedRun:
-        """Read once, memory-mapped; a corrupt or foreign file says which others to use."""
+        """Read once; a corrupt or foreign file says which others to resume from."""
         path = Path(path)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:
-            raise ConfigError(
-                f"Checkpoint {path} cannot be read ({read_failure(err)}): it is corrupt "
-                f"or truncated, e.g. copied before it was complete; {other_checkpoints(path)}"
-            ) from None
-        hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-        if "model" not in hparams or "name" not in hparams.get("tokenizer", {}):
-            raise ConfigError(
-                f"Checkpoint {path} has no gptlab model and tokenizer settings in its "
-                f"hyper_parameters: it was not written by gptlab's train.py; "
-                f"{other_checkpoints(path)}"
-            )
+        checkpoint = read_checkpoint(path, f"Checkpoint {path}", other_checkpoints(path))
+        hparams = checkpoint["hyper_parameters"]
         return cls(path, hparams["model"], hparams["tokenizer"], hparams)
 
     def check_fits(self, model: dict[str, Any], tokenizer: str) -> None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
 from gptlab.inference.generation import check_sampling, continue_prompt, encode_prompt
-from gptlab.inference.loading import find_initial_weights, load_checkpoint, load_initial_weights
+from gptlab.inference.loading import find_initial_weights, load_initial_weights
 from gptlab.model.gpt import count_parameters
 from gptlab.model.tokenizers import GPT2Tokenizer
 from gptlab.runs import owned, requeued_checkpoint
@@ -40,10 +40,9 @@ from gptlab.training.checkpoints import (
 )
 from gptlab.training.flops import device_name
 from gptlab.training.module import GPTLightningModule, check_vocab_size
-from gptlab.training.monitor import TrainingMonitor
+from gptlab.training.monitor import TrainingMonitor, inference_model
 from gptlab.training.records import RunRecord, error_line, status_of, write_run_record
 from gptlab.training.settings import RunSettings, configure_matmul_precision
-from gptlab.training.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +321,10 @@ def fit(
     recorder.start(trainer)
     ckpt_path = str(resumed.path) if resumed is not None else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # Whole weights to sample from: under FSDP every rank takes part in gathering them.
+    model = inference_model(trainer, module)
     if trainer.is_global_zero:
-        report(cfg, trainer, module, prompt, best_val_loss(trainer))
+        report(cfg, trainer, module, model, prompt, best_val_loss(trainer))
     return trainer
 
 
@@ -331,6 +332,7 @@ def report(
     cfg: DictConfig,
     trainer: L.Trainer,
     module: GPTLightningModule,
+    model: torch.nn.Module,
     prompt: list[int],
     result: float,
 ) -> None:
@@ -342,9 +344,6 @@ def report(
         print(f"Best checkpoint: {checkpoint.best_model_path}")
         print(f"Last checkpoint: {checkpoint.last_path}")
     print(f"TensorBoard: tensorboard --logdir {cfg.paths.output_dir}")
-    # An FSDP model is whole only inside its forward: sample from the saved, whole weights.
-    sharded = is_sharded(module.model) and checkpoint is not None
-    model = load_checkpoint(checkpoint.last_path).model if sharded else module.model
     tokens = continue_prompt(
         model, prompt, cfg.max_new_tokens, context_length=module.config.context_length
     )
