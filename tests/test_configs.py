@@ -123,7 +123,7 @@ def test_run_settings_are_checked_before_any_data(
 def test_resume_refuses_a_char_vocabulary_from_other_data(tmp_path: Path) -> None:
     checkpoint = tmp_path / "last.ckpt"
     saved = {"model": {"vocab_size": 3}, "tokenizer": CharTokenizer("abc").to_dict()}
-    torch.save({"hyper_parameters": saved}, checkpoint)
+    torch.save({"state_dict": {}, "hyper_parameters": saved}, checkpoint)
     SavedRun.read(checkpoint).check_tokenizer(CharTokenizer("abc"))
     with pytest.raises(ConfigError, match="3 tokens built from its corpus"):
         SavedRun.read(checkpoint).check_tokenizer(CharTokenizer("abd"))

@@ -144,14 +144,11 @@ def check_run_location(arguments: list[str], writes: bool) -> None:
     `writes`: the command writes a run directory; generate and evaluate only read runs from
     `paths.log_dir`, which must then still be a folder.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+    from gptlab.overrides import parse_overrides
     from gptlab.runs import continued_run_dir
 
     try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in arguments if "=" in a and not a.startswith("-")]
-        )
+        overrides = parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
     except Exception:  # bad override syntax: Hydra itself reports it, with the grammar
         return
     given = {

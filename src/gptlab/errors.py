@@ -79,8 +79,8 @@ class TrainingAborted(TrainingInterrupted):
 
     def __str__(self) -> str:
         return (
-            f"Aborted by a second {signal_name(self.signum)}, without saving: the run keeps its "
-            f"last checkpoint. {self.resume_hint}"
+            f"Aborted by a second {signal_name(self.signum)}, without saving this step. "
+            f"{self.resume_hint}"
         ).strip()
 
 

@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gptlab.atomic import atomic_write_text
-from gptlab.overrides import as_number, run_name, split_override
+from gptlab.overrides import as_number, parse_overrides, run_name, split_override
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def swept_keys(sweep_dir: Path) -> list[str]:
 def sweep_definition_keys(config: DictConfig) -> list[str]:
     """The keys a multirun varies: command-line sweeps (`a=1,2`, `range(...)`) and the
     sweeper's `params` (grid values, or an Optuna search space)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    overrides = parse_overrides(config.hydra.overrides.task)
     keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
     fixed = {o.key_or_group for o in overrides if not o.is_sweep_override()}
     params = config.hydra.sweeper.get("params") or {}

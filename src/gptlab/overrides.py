@@ -1,8 +1,22 @@
-"""Hydra override strings (`key=value`) as a sweep shows them: split, shortened, named."""
+"""Hydra override strings (`key=value`): parsed as Hydra reads them, and as a sweep shows
+them: split, shortened, named."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
+
+
+def parse_overrides(lines: Sequence[str]) -> list[Override]:
+    """Command-line overrides as Hydra's grammar reads them: the one parser of the commands'
+    checks, the sweep's swept keys and the Optuna sweeper. Hydra is imported here, not at the
+    top, so the commands start without it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(lines))
 
 
 def split_override(override: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from gptlab.sweeps.optuna_study import (
     open_storage,
     parse_storage,
 )
+from gptlab.training.steps import val_interval_in_steps
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,7 @@ class OptunaPruning(Callback):
             return
         args = self.pruner_args
         if self.pruner_name == "hyperband":
-            interval = trainer.val_check_interval
-            first_validation = (
-                interval // trainer.accumulate_grad_batches if isinstance(interval, int) else None
-            )
-            args = hyperband_in_steps(args, first_validation, trainer.max_steps)
+            args = hyperband_in_steps(args, val_interval_in_steps(trainer), trainer.max_steps)
         pruner = make_pruner(self.pruner_name, args)
         storage = open_storage(self.spec)
         study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=pruner)

@@ -250,7 +250,8 @@ def run(cfg: DictConfig) -> float:
         except TrainingInterrupted as err:
             recorder.end(status_of(err), err)
             saved = last_checkpoint(run_dir).is_file()
-            err.resume_hint = resume_hint(run_dir) if saved else "Nothing to resume."
+            nothing = "No checkpoint had been saved, so there is nothing to resume."
+            err.resume_hint = resume_hint(run_dir) if saved else nothing
             raise
         except OSError as err:
             recorder.end("failed", err)

@@ -26,6 +26,7 @@ from gptlab.model.tokenizers import TOKENIZER_NAMES
 from gptlab.schema import check_arguments, check_fields
 from gptlab.training.module import check_compile_mode
 from gptlab.training.optim import OptimizerSettings
+from gptlab.training.steps import micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class TrainerSettings:
         accumulation = accumulation or self.options.get("accumulate_grad_batches", 1)
         interval = self.val_every
         if isinstance(interval, int):
-            interval *= accumulation
+            interval = micro_batches(interval, accumulation)
         return {
             **self.options,
             "accumulate_grad_batches": accumulation,

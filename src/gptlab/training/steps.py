@@ -5,6 +5,17 @@ from __future__ import annotations
 import lightning as L
 
 
+def micro_batches(steps: int, accumulation: int) -> int:
+    """Lightning counts `val_check_interval` in micro-batches; gptlab's settings count steps."""
+    return steps * accumulation
+
+
+def val_interval_in_steps(trainer: L.Trainer) -> int | None:
+    """Optimizer steps between validations (None: a fraction of an epoch)."""
+    interval = trainer.val_check_interval
+    return interval // trainer.accumulate_grad_batches if isinstance(interval, int) else None
+
+
 def optimizer_stepped(trainer: L.Trainer, batch_idx: int) -> bool:
     """Whether the batch that just ended completed an optimizer step (the last one accumulated)."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (

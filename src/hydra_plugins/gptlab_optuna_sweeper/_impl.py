@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import (
     ChoiceSweep,
     IntervalSweep,
@@ -42,6 +41,7 @@ from optuna.trial import TrialState
 from gptlab.atomic import atomic_write_text
 from gptlab.checks import check_count
 from gptlab.errors import ConfigError
+from gptlab.overrides import parse_overrides
 from gptlab.sweeps.optuna_study import (
     TRIAL_ENV,
     StorageSpec,
@@ -109,12 +109,11 @@ class SearchSpace:
         A command-line sweep such as `optimizer.lr=tag(log, interval(1e-5, 1e-3))` replaces
         the range in `params`; `optimizer.lr=3e-4` takes optimizer.lr out of the search.
         """
-        parser = OverridesParser.create()
         configured = [f"{key}={value}" for key, value in params.items()]
         lines = [*configured, *arguments]
         distributions: dict[str, BaseDistribution] = {}
         fixed: dict[str, str] = {}
-        for line, override in zip(lines, parser.parse_overrides(lines), strict=True):
+        for line, override in zip(lines, parse_overrides(lines), strict=True):
             key = override.get_key_element()
             if override.is_sweep_override():
                 fixed.pop(key, None)
