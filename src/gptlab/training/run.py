@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
-from gptlab.inference.generation import check_sampling, continue_prompt, encode_prompt
+from gptlab.inference.generation import continue_prompt, encode_prompt
 from gptlab.inference.loading import find_initial_weights, load_initial_weights
 from gptlab.model.gpt import count_parameters
 from gptlab.model.tokenizers import GPT2Tokenizer
@@ -70,12 +70,6 @@ def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSetti
     datamodule.connect(settings.tokenizer, settings.model["context_length"])
     if settings.tokenizer == "gpt2" and settings.model["vocab_size"] is not None:
         check_vocab_size(settings.model["vocab_size"], GPT2Tokenizer())
-    check_sampling(0.0, None, None, cfg.max_new_tokens)
-    if cfg.optimized_metric not in OPTIMIZED_METRICS:
-        raise ConfigError(
-            f"optimized_metric={cfg.optimized_metric!r} is unknown: use one of "
-            f"{', '.join(OPTIMIZED_METRICS)}."
-        )
     settings.optimizer.accumulation(
         datamodule.batch_size, datamodule.context_length, settings.trainer.world_size
     )

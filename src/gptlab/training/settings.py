@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -85,7 +85,7 @@ class RunKeys:
     resume: str | None = None  # a run directory to continue
     prompt: str = "Every effort moves you"  # sampled at the end of the run
     max_new_tokens: int = 60  # tokens of that sample
-    optimized_metric: str = "val/loss"  # what a sweeper minimises: val/loss or val/ppl
+    optimized_metric: Literal["val/loss", "val/ppl"] = "val/loss"  # what a sweeper minimises
     tokens_per_step: int | None = None  # tokens per optimizer step; sets the accumulation
 
 
@@ -93,8 +93,15 @@ RUN_GROUPS = ("model", "data", "trainer", "optimizer", "logger", "callbacks", "p
 
 
 def check_run_keys(cfg: DictConfig) -> None:
-    """A top-level key nothing reads (`+foo=1`) or of the wrong type is named."""
+    """The top-level keys: one nothing reads (`+foo=1`) or of the wrong type is named; the
+    seed and the sample's length are ranged."""
     check_fields("", RunKeys, {key: cfg[key] for key in cfg if key not in RUN_GROUPS})
+    seed = cfg.get("seed", RunKeys.seed)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(
+            f"seed={seed!r} must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}."
+        )
+    check_count("max_new_tokens", cfg.get("max_new_tokens", RunKeys.max_new_tokens), 0)
 
 
 def gpu_available() -> bool:
@@ -366,13 +373,8 @@ class RunSettings:
                 optimizer.warmup_steps,
                 max_steps,
             )
-        seed = cfg.get("seed")
-        if not is_count(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise ConfigError(
-                f"seed={seed!r} must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}."
-            )
         return cls(
-            fields, tokenizer, compile, compile_mode, checkpointing, optimizer, trainer, seed
+            fields, tokenizer, compile, compile_mode, checkpointing, optimizer, trainer, cfg.seed
         )
 
     def model_config(self, vocab_size: int) -> GPTConfig:
