@@ -173,13 +173,17 @@ def test_custom_scalars_chart_train_and_val_loss_together(events: EventAccumulat
     assert [list(chart.multiline.tag) for chart in charts] == [["train/loss", "val/loss"]]
 
 
-def test_curves_record_each_logged_optimizer_step_once_under_accumulation(tmp_path: Path) -> None:
-    curves = TrainingMonitor()
-    module = GPTLightningModule(
+def one_layer_module() -> GPTLightningModule:
+    return GPTLightningModule(
         {"vocab_size": 16, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1},
         {"lr": 1e-3},
         CharTokenizer("abcdefghijklmnop").to_dict(),
     )
+
+
+def test_curves_record_each_logged_optimizer_step_once_under_accumulation(tmp_path: Path) -> None:
+    curves = TrainingMonitor()
+    module = one_layer_module()
     trainer = cpu_trainer(
         tmp_path,
         max_steps=6,
@@ -207,11 +211,7 @@ class ReplayOverwritesLoss(Callback):
 
 def test_train_loss_survives_its_buffer_being_overwritten(tmp_path: Path) -> None:
     curves = TrainingMonitor()
-    module = GPTLightningModule(
-        {"vocab_size": 16, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1},
-        {"lr": 1e-3},
-        CharTokenizer("abcdefghijklmnop").to_dict(),
-    )
+    module = one_layer_module()
     trainer = cpu_trainer(
         tmp_path,
         max_steps=4,
