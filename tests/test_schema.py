@@ -174,6 +174,8 @@ RUN_NUMBERS = {"seed", "max_new_tokens", "tokens_per_step"}
         ("+trainer.foo=1", "trainer.foo is not an argument of Trainer"),
         ("+callbacks.checkpoint.foo=1", "callbacks.checkpoint.foo is not an argument of"),
         ("+callbacks.final_validation.foo=1", "callbacks.final_validation.foo is not an"),
+        # TensorBoardLogger hands the keys it does not take to SummaryWriter.
+        ("+logger.tensorboard.foo=1", "logger.tensorboard.foo is not an argument of"),
     ],
 )
 def test_a_key_nothing_reads_is_refused(check: Callable[[str], str], override: str, named: str):

@@ -85,12 +85,16 @@ def check_fields(group: str, cls: type, values: Mapping[str, Any]) -> None:
         check_value(f"{group}.{key}" if group else key, value, hints[key])
 
 
-def init_parameters(target: Callable[..., Any]) -> dict[str, Any] | None:
+def init_parameters(
+    target: Callable[..., Any], passes_on: Callable[..., Any] | None = None
+) -> dict[str, Any] | None:
     """The keyword arguments `target` takes with their type hints; a class's `**kwargs` that it
-    passes on to its base class are the base's arguments. None: any keyword goes."""
+    passes on to its base class are the base's arguments, and then those of `passes_on` (the
+    class a logger hands them to). None: any keyword goes."""
     found: dict[str, Any] = {}
     passed_on = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    for owner in inspect.getmro(target) if inspect.isclass(target) else (target,):
+    owners = [*(inspect.getmro(target) if inspect.isclass(target) else (target,))]
+    for owner in [*owners, *([passes_on] if passes_on else [])]:
         function = owner.__init__ if inspect.isclass(owner) else owner
         if inspect.isclass(owner) and "__init__" not in vars(owner):
             continue
@@ -107,10 +111,15 @@ def init_parameters(target: Callable[..., Any]) -> dict[str, Any] | None:
     return None
 
 
-def check_arguments(group: str, target: Callable[..., Any], values: Mapping[str, Any]) -> None:
+def check_arguments(
+    group: str,
+    target: Callable[..., Any],
+    values: Mapping[str, Any],
+    passes_on: Callable[..., Any] | None = None,
+) -> None:
     """`values` as keyword arguments of `target` (a class: its `__init__`), Hydra's `_keys_`
     aside: every key an argument, every value its annotated type."""
-    parameters = init_parameters(target)
+    parameters = init_parameters(target, passes_on)
     if parameters is None:
         return
     given = {key: value for key, value in values.items() if not key.startswith("_")}

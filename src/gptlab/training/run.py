@@ -18,9 +18,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
 
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
@@ -51,6 +53,8 @@ OPTIMIZED_METRICS: dict[str, Callable[[RunRecord], float]] = {
     "val/loss": lambda record: record.best_val_loss,
     "val/ppl": lambda record: record.val_ppl,
 }
+# Loggers that hand the keyword arguments they do not take to a class of their own.
+FORWARDED_ARGUMENTS = {TensorBoardLogger: SummaryWriter}
 # OSError numbers that mean the disk, not the program, failed the run.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
@@ -64,8 +68,10 @@ def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSetti
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():
             if node is not None:
+                target = get_class(node._target_)
                 values = OmegaConf.to_container(node, resolve=True)
-                check_arguments(f"{group}.{name}", get_class(node._target_), values)
+                passes_on = FORWARDED_ARGUMENTS.get(target)
+                check_arguments(f"{group}.{name}", target, values, passes_on)
     datamodule = GPTDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True))
     datamodule.connect(settings.tokenizer, settings.model["context_length"])
     if settings.tokenizer == "gpt2" and settings.model["vocab_size"] is not None:
