@@ -99,6 +99,8 @@ def test_two_processes_killed_and_resumed_train_as_one(
     assert record["status"] == "completed" and record["steps"] == MAX_STEPS
     assert (record["device"], record["precision"]) == ("cpu", "32-true")
     assert record["float32_matmul_precision"] == "highest"
+    untrained = curve(one_process, "val/loss")[0]
+    assert abs(record["untrained_val_loss"] - untrained) <= TOLERANCE
 
     # The checkpoint is whole: one process samples from it and scores it without the strategy.
     generated = run_script("generate.py", f"ckpt={last}", "prompt=The", "max_new_tokens=5")

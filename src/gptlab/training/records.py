@@ -37,6 +37,8 @@ class RunRecord:
     wall_time_s: float | None = None
     error: str | None = None
     tokens_per_sec: float | None = None
+    # The untrained model's val loss (step 0), next to ln(vocab_size).
+    untrained_val_loss: float | None = None
     # Where and how it trained: `NVIDIA H100 80GB HBM3` or `cpu`, the Lightning precision, and
     # torch's float32 matmul precision (`high`: TF32 on GPUs that have it).
     device: str | None = None

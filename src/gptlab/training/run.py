@@ -226,6 +226,9 @@ class RunRecorder:
             record.steps = self.trainer.global_step
             record.tokens_seen = monitor.tokens_seen if monitor else None
             record.tokens_per_sec = monitor.run_tokens_per_sec if monitor else None
+            validations = monitor.val_losses if monitor else []
+            untrained = [loss for _, step, loss in validations if step == 0]
+            record.untrained_val_loss = untrained[0] if untrained else None
             record.device = device_name(self.trainer.strategy.root_device)
             record.precision = str(self.trainer.precision)
             record.float32_matmul_precision = torch.get_float32_matmul_precision()
