@@ -127,7 +127,7 @@ def resolve_precision(precision: str | int, accelerator: str) -> str:
     """`auto`: bf16 mixed precision where the GPU supports it, full fp32 elsewhere."""
     name = str(precision)
     if name == "auto":
-        on_gpu = accelerator in ("auto", *GPU_ACCELERATORS) and gpu_available()
+        on_gpu = device_type_of(accelerator) == "cuda"
         return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
     name = PRECISION_ALIASES.get(name, name)
     if name not in PRECISIONS:
@@ -157,7 +157,7 @@ def check_accelerator(accelerator: Any) -> str:
 def resolve_device(name: str) -> torch.device:
     """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device_type_of("auto"))
     try:
         device = torch.device(name)
     except RuntimeError:
