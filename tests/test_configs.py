@@ -146,7 +146,7 @@ def test_short_runs_are_never_refused_for_their_validation_interval(
 def test_a_callbacks_bad_setting_is_a_config_error_not_hydras(compose_train_config) -> None:
     cfg = compose_train_config("model=tiny", "trainer=cpu", "callbacks.checkpoint.every_n_steps=0")
     with pytest.raises(ConfigError, match=r"^callbacks.checkpoint.every_n_steps=0 must be"):
-        build_trainer(cfg, *validate(cfg))
+        build_trainer(cfg, validate(cfg)[0])
 
 
 def test_every_model_field_says_whether_a_checkpoint_must_match_it() -> None:

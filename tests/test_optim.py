@@ -58,7 +58,7 @@ def test_forced_fusing_works_on_cpu_and_is_refused_where_clipping_would_be_wrong
     assert OptimizerSettings(fused=True).use_fused("cpu", "bf16-mixed", clipping=True)
     assert not OptimizerSettings(fused=False).use_fused("cuda", "bf16-mixed", clipping=True)
     with pytest.raises(ConfigError, match="16-mixed and gradient clipping"):
-        OptimizerSettings(fused=True).use_fused("cuda", "16-mixed", clipping=True)
+        OptimizerSettings(fused=True).check_fused("16-mixed", clipping=True)
 
 
 @pytest.mark.parametrize(

@@ -217,7 +217,7 @@ def test_fsdp_config_is_fsdp2_over_every_process(compose_train_config) -> None:
     cfg = compose_train_config(
         "model=tiny", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"
     )
-    trainer = build_trainer(cfg, *validate(cfg))
+    trainer = build_trainer(cfg, validate(cfg)[0])
     assert isinstance(trainer.strategy, ModelParallelStrategy)
     assert trainer.world_size == 2
     # The untrained model is validated inside fit (Lightning's sanity check), in full.
@@ -229,7 +229,7 @@ def test_sharded_checkpoint_folders_are_refused_before_training(compose_train_co
         "model=tiny", "trainer=fsdp", "trainer.strategy.save_distributed_checkpoint=true"
     )
     with pytest.raises(ConfigError, match="save_distributed_checkpoint=true"):
-        build_trainer(cfg, *validate(cfg))
+        build_trainer(cfg, validate(cfg)[0])
 
 
 def test_peak_flops_table_names_the_gpus_people_rent() -> None:
@@ -266,7 +266,7 @@ def test_tokens_per_step_reaches_the_trainer(compose_train_config) -> None:
         "model=tiny", "trainer=cpu", "data.batch_size=8", "tokens_per_step=2048"
     )
     # 2048 tokens per step / (8 windows x 32 tokens x 1 process) = 8 micro-batches.
-    assert build_trainer(cfg, *validate(cfg)).accumulate_grad_batches == 8
+    assert build_trainer(cfg, validate(cfg)[0]).accumulate_grad_batches == 8
     both = compose_train_config(
         "model=tiny", "trainer=cpu", "tokens_per_step=2048", "trainer.accumulate_grad_batches=2"
     )

@@ -118,7 +118,7 @@ def check(compose_train_config: Callable[..., DictConfig]) -> Callable[[str], st
     def _check(override: str) -> str:
         cfg = compose_train_config(*BASE, override)
         with pytest.raises(ConfigError) as err:
-            build_trainer(cfg, *validate(cfg))
+            build_trainer(cfg, validate(cfg)[0])
         return str(err.value)
 
     return _check

@@ -257,6 +257,8 @@ def benchmark_from_config(cfg: DictConfig) -> None:
     else:
         tokenizer, vocab_size = {"name": "gpt2"}, GPT2_VOCAB_SIZE
     config = GPTConfig(**model_settings(model, vocab_size))
+    optimizer = OptimizerSettings.from_mapping(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    optimizer.check_fused(precision, bool(cfg.gradient_clip_val))
     configure_matmul_precision(device.type)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
@@ -271,9 +273,7 @@ def benchmark_from_config(cfg: DictConfig) -> None:
     timings = benchmark(
         model_config=config,
         tokenizer=tokenizer,
-        optimizer_settings=OptimizerSettings.from_mapping(
-            OmegaConf.to_container(cfg.optimizer, resolve=True)
-        ),
+        optimizer_settings=optimizer,
         batch_size=cfg.batch_size,
         accelerator=accelerator,
         precision=precision,

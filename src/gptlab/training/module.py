@@ -160,7 +160,7 @@ class GPTLightningModule(L.LightningModule):
         The plugin refuses fused AdamW under any mixed precision, bf16 included, where no
         gradient is scaled; and under FSDP it cannot clip by norm at all. Under 16-mixed
         the gradients reaching this hook are unscaled unless AdamW is fused, which
-        `OptimizerSettings.use_fused` rules out with clipping.
+        `OptimizerSettings.check_fused` rules out with clipping.
         """
         if gradient_clip_algorithm not in (None, "norm"):
             super().configure_gradient_clipping(

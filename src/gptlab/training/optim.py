@@ -108,12 +108,16 @@ class OptimizerSettings:
         """Optimizer steps the schedule spans: a cosine needs a run with an end to decay to."""
         if self.schedule == "constant":
             return 0
-        if not math.isfinite(steps) or steps < 1:
+        self.check_schedule(endless=not math.isfinite(steps) or steps < 1)
+        return int(steps)
+
+    def check_schedule(self, endless: bool) -> None:
+        """A cosine decays over the run, so the run must have an end."""
+        if self.schedule == "cosine" and endless:
             raise ConfigError(
                 "optimizer.schedule=cosine needs a finite run: set trainer.max_steps "
                 "or trainer.max_epochs."
             )
-        return int(steps)
 
     def accumulation(self, batch_size: int, context_length: int, world_size: int) -> int | None:
         """Micro-batches per optimizer step so that one step sees `tokens_per_step` tokens
@@ -132,22 +136,26 @@ class OptimizerSettings:
         return self.tokens_per_step // per_micro_batch
 
     def use_fused(self, device_type: str, precision: str, clipping: bool) -> bool:
-        """Whether AdamW runs as one fused kernel.
-
-        Under 16-mixed a GradScaler scales the loss, and a fused AdamW unscales the gradients
-        inside its own step, after clipping would have seen them still scaled.
-        """
-        scaled_clipping = str(precision) == SCALED_PRECISION and clipping
+        """Whether AdamW runs as one fused kernel (`check_fused` has refused what cannot)."""
         if self.fused == "auto":
-            return device_type == "cuda" and not scaled_clipping
-        if self.fused and scaled_clipping:
+            return device_type == "cuda" and not scaled_clipping(precision, clipping)
+        return bool(self.fused)
+
+    def check_fused(self, precision: str, clipping: bool) -> None:
+        """Under 16-mixed a GradScaler scales the loss, and a fused AdamW unscales the
+        gradients inside its own step, after clipping would have seen them still scaled."""
+        if self.fused is True and scaled_clipping(precision, clipping):
             raise ConfigError(
                 "optimizer.fused=true cannot be combined with trainer.precision=16-mixed and "
                 "gradient clipping: fused AdamW unscales the gradients inside its step, after "
                 "clipping saw them scaled. Use optimizer.fused=auto, bf16-mixed, or "
                 "trainer.gradient_clip_val=null."
             )
-        return bool(self.fused)
+
+
+def scaled_clipping(precision: str, clipping: bool) -> bool:
+    """Clipping gradients that a GradScaler has scaled (16-mixed)."""
+    return str(precision) == SCALED_PRECISION and clipping
 
 
 def adamw_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

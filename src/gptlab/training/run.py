@@ -76,9 +76,10 @@ def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSetti
     datamodule.connect(settings.tokenizer, settings.model["context_length"])
     if settings.tokenizer == "gpt2" and settings.model["vocab_size"] is not None:
         check_vocab_size(settings.model["vocab_size"], GPT2Tokenizer())
-    settings.optimizer.accumulation(
+    accumulation = settings.optimizer.accumulation(
         datamodule.batch_size, datamodule.context_length, settings.trainer.world_size
     )
+    settings = dataclasses.replace(settings, accumulation=accumulation)
     if resumed is not None:
         resumed.check_fits(settings.model, settings.tokenizer)
     if cfg.get("init_from"):
@@ -133,23 +134,18 @@ def build_strategy(node: dict, world_size: int) -> object:
 
 
 def build_trainer(
-    cfg: DictConfig,
-    settings: RunSettings,
-    datamodule: GPTDataModule,
-    resumed: SavedRun | None = None,
+    cfg: DictConfig, settings: RunSettings, resumed: SavedRun | None = None
 ) -> L.Trainer:
     """The Trainer with its callbacks and loggers; steps are optimizer steps throughout.
 
     Everything is decided before it is built (accumulation from the world size, the untrained
     validation for new runs only), so nothing is changed on it afterwards.
     """
-    world_size = settings.trainer.world_size
-    accumulation = settings.optimizer.accumulation(
-        datamodule.batch_size, datamodule.context_length, world_size
+    options = settings.trainer.lightning_options(
+        settings.accumulation, validate_untrained=not resumed
     )
-    options = settings.trainer.lightning_options(accumulation, validate_untrained=not resumed)
     if isinstance(options.get("strategy"), dict):
-        options["strategy"] = build_strategy(options["strategy"], world_size)
+        options["strategy"] = build_strategy(options["strategy"], settings.trainer.world_size)
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # gptlab's GracefulInterrupt saves at a step boundary and requeues on SIGUSR1.
@@ -296,7 +292,7 @@ def fit(
     model first, inside `fit`), report."""
     L.seed_everything(settings.seed, workers=True)
     configure_matmul_precision(settings.trainer.device_type)
-    trainer = build_trainer(cfg, settings, datamodule, resumed)
+    trainer = build_trainer(cfg, settings, resumed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -335,6 +334,9 @@ class RunSettings:
     optimizer: OptimizerSettings
     trainer: TrainerSettings
     seed: int
+    # Micro-batches per optimizer step from tokens_per_step (None: trainer's own setting),
+    # known once the data group's batch size and the model's context are.
+    accumulation: int | None = None
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> RunSettings:
@@ -358,13 +360,13 @@ class RunSettings:
             tokens_per_step=cfg.get("tokens_per_step"),
         )
         trainer = TrainerSettings.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
-        optimizer.use_fused(trainer.device_type, trainer.options["precision"], trainer.clipping)
+        optimizer.check_fused(trainer.options["precision"], trainer.clipping)
         if optimizer.tokens_per_step and trainer.options.get("accumulate_grad_batches", 1) != 1:
             raise ConfigError(
                 "Set either tokens_per_step or trainer.accumulate_grad_batches, not both: "
                 "tokens_per_step derives the accumulation."
             )
-        optimizer.schedule_length(math.inf if trainer.endless else 1)
+        optimizer.check_schedule(trainer.endless)
         max_steps = trainer.options.get("max_steps", -1)
         if 0 < max_steps < optimizer.warmup_steps:
             log.warning(
