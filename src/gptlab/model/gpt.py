@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,34 +41,7 @@ class GPTConfig:
     init: Literal["gpt2", "torch"] = "gpt2"
 
     def __post_init__(self) -> None:
-        if self.arch not in ("gpt", "bigram"):
-            raise ConfigError(f"model.arch={self.arch!r} is unknown: use 'gpt' or 'bigram'.")
-        if self.init not in ("gpt2", "torch"):
-            raise ConfigError(f"model.init={self.init!r} is unknown: use 'gpt2' or 'torch'.")
-        if not isinstance(self.tie_weights, bool):
-            raise ConfigError(f"model.tie_weights={self.tie_weights!r} must be true or false.")
-        for key in (
-            "vocab_size",
-            "context_length",
-            "emb_dim",
-            "n_heads",
-            "n_layers",
-            "pad_vocab_multiple",
-        ):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.{key}={value!r} must be a positive integer.")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(
-                f"model.drop_rate={self.drop_rate!r} must be in [0, 1): 0.0 disables dropout."
-            )
-        if self.emb_dim % self.n_heads:
-            raise ConfigError(
-                f"model.emb_dim={self.emb_dim} is not divisible by model.n_heads={self.n_heads}: "
-                f"each head gets emb_dim / n_heads dimensions, so choose emb_dim as a multiple "
-                f"of n_heads (e.g. {self.emb_dim - self.emb_dim % self.n_heads}) "
-                f"or n_heads as a divisor of emb_dim."
-            )
+        check_config(asdict(self))
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +54,35 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_config(values: dict[str, Any]) -> None:
+    """GPTConfig's ranges and the rule across its keys, on its field values; `vocab_size` may
+    still be None, to follow a tokenizer that the corpus builds."""
+    if values["arch"] not in ("gpt", "bigram"):
+        raise ConfigError(f"model.arch={values['arch']!r} is unknown: use 'gpt' or 'bigram'.")
+    if values["init"] not in ("gpt2", "torch"):
+        raise ConfigError(f"model.init={values['init']!r} is unknown: use 'gpt2' or 'torch'.")
+    if not isinstance(values["tie_weights"], bool):
+        raise ConfigError(f"model.tie_weights={values['tie_weights']!r} must be true or false.")
+    counts = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+    for key in (*counts, "pad_vocab_multiple"):
+        value = values[key]
+        if key == "vocab_size" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model.{key}={value!r} must be a positive integer.")
+    if not 0.0 <= values["drop_rate"] < 1.0:
+        raise ConfigError(
+            f"model.drop_rate={values['drop_rate']!r} must be in [0, 1): 0.0 disables dropout."
+        )
+    emb_dim, n_heads = values["emb_dim"], values["n_heads"]
+    if emb_dim % n_heads:
+        raise ConfigError(
+            f"model.emb_dim={emb_dim} is not divisible by model.n_heads={n_heads}: each head "
+            f"gets emb_dim / n_heads dimensions, so choose emb_dim as a multiple of n_heads "
+            f"(e.g. {emb_dim - emb_dim % n_heads}) or n_heads as a divisor of emb_dim."
+        )
 
 
 class KVCache:

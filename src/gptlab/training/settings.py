@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.checks import check_count, is_count, is_number, reject_unknown
 from gptlab.errors import ConfigError
-from gptlab.model.gpt import GPTConfig
+from gptlab.model.gpt import GPTConfig, check_config
 from gptlab.model.tokenizers import TOKENIZER_NAMES
 from gptlab.schema import check_arguments, check_fields
 from gptlab.training.module import check_compile_mode
@@ -352,9 +352,12 @@ class RunSettings:
         compile_mode = check_compile_mode(model.get("compile_mode", "default"))
         compile = model.get("compile", False)
         checkpointing = model.get("activation_checkpointing", False)
-        # The vocabulary may follow the tokenizer; the other fields are checked already.
-        vocab_size = fields["vocab_size"]
-        GPTConfig(**{**fields, "vocab_size": 1 if vocab_size is None else vocab_size})
+        defaults = {
+            field.name: field.default
+            for field in dataclasses.fields(GPTConfig)
+            if field.default is not dataclasses.MISSING
+        }
+        check_config({**defaults, **fields})
         optimizer = OptimizerSettings.from_mapping(
             OmegaConf.to_container(cfg.optimizer, resolve=True),
             tokens_per_step=cfg.get("tokens_per_step"),
