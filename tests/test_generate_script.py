@@ -11,6 +11,9 @@ from conftest import TINY_RUN, run_script
 from gptlab.errors import ConfigError
 from gptlab.inference.generation import encode_prompt, generate, stream_tokens
 from gptlab.inference.loading import find_last_checkpoint, load_checkpoint
+from gptlab.jobs import write_swept_keys
+from gptlab.training.checkpoints import find_best_checkpoint
+from gptlab.training.records import RunRecord, write_run_record
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,35 @@ def test_char_checkpoint_names_unknown_characters(workdir: Path) -> None:
         encode_prompt(module.tokenizer, "price: 5€ → 6€")
     with pytest.raises(ConfigError, match="empty prompt"):
         encode_prompt(module.tokenizer, "")
+
+
+def test_ckpt_best_samples_from_the_runs_best_checkpoint(workdir: Path) -> None:
+    result = run_script("generate.py", "ckpt=best", "prompt=def", "max_new_tokens=5", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (best,) = (workdir / "outputs" / "2026-11-22" / "03-00-00" / "checkpoints").glob("best-*")
+    assert f"Sampling from {best.relative_to(workdir)}" in result.stderr
+
+
+def sweep_job(sweep_dir: Path, name: str, best_val_loss: float) -> Path:
+    """A finished job as a sweep leaves it: its record, its best checkpoint, and a last.ckpt
+    whose checkpoint callback names that best one (where the job ran before it was moved)."""
+    job = sweep_dir / name
+    best = job / "checkpoints" / f"best-step5-val_loss{best_val_loss:.4f}.ckpt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"")
+    callback = {"best_model_path": f"/elsewhere/{name}/checkpoints/{best.name}"}
+    last = best.parent / "last.ckpt"
+    torch.save({"global_step": 5, "callbacks": {"RunCheckpoint{}": callback}}, last)
+    write_run_record(job, RunRecord("completed", [], best_val_loss=best_val_loss))
+    return best
+
+
+def test_ckpt_best_after_a_sweep_is_its_best_run(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "outputs" / "multirun" / "2026-12-05" / "10-00-00"
+    write_swept_keys(sweep_dir, ["optimizer.lr"])
+    winner = sweep_job(sweep_dir, "0-lr=0.001", 2.15)
+    sweep_job(sweep_dir, "1-lr=0.0003", 2.31)  # the newest job, not the best
+    assert find_best_checkpoint(tmp_path / "outputs") == winner
+    # Outside a sweep, the newest run's own best.
+    single = sweep_job(tmp_path / "outputs" / "2026-12-06", "09-00-00", 3.0)
+    assert find_best_checkpoint(tmp_path / "outputs") == single

@@ -19,6 +19,7 @@ from gptlab.model.tokenizers import GPT2Tokenizer, Tokenizer
 from gptlab.training.checkpoints import (
     CHECKPOINT_SUFFIX,
     check_weights_fit,
+    find_best_checkpoint,
     find_last_checkpoint,
     read_checkpoint,
 )
@@ -58,7 +59,8 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> GPTLightningModule:
 
 
 def load_model(ckpt: str | None, pretrained: str | None, log_dir: str | Path) -> LoadedModel:
-    """Exactly one of a checkpoint (a path, or `last`) and GPT-2 weights (a folder, file or id)."""
+    """Exactly one of a checkpoint (a path, `last` or `best`) and GPT-2 weights (a folder, file
+    or id)."""
     if bool(ckpt) == bool(pretrained):
         raise ConfigError(
             f"Give exactly one model: ckpt=<path to a .ckpt> or ckpt=last, or "
@@ -66,7 +68,8 @@ def load_model(ckpt: str | None, pretrained: str | None, log_dir: str | Path) ->
             f"(got ckpt={ckpt!r}, pretrained={pretrained!r})."
         )
     if ckpt:
-        path = find_last_checkpoint(log_dir) if ckpt == "last" else Path(ckpt)
+        finders = {"last": find_last_checkpoint, "best": find_best_checkpoint}
+        path = finders[ckpt](log_dir) if ckpt in finders else Path(ckpt)
         module = load_checkpoint(path)
         return LoadedModel(module.model, module.tokenizer, module.config, str(path))
     model = load_gpt2(pretrained)

@@ -20,9 +20,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from gptlab.atomic import atomic_write
 from gptlab.checks import check_count
 from gptlab.errors import ConfigError
+from gptlab.jobs import SWEEP_FILE
 from gptlab.model.gpt import GPTConfig
 from gptlab.model.pretrained import read_failure
 from gptlab.model.tokenizers import Tokenizer
+from gptlab.training.records import read_run_record
 from gptlab.training.steps import optimizer_stepped
 
 CHECKPOINT_DIR = "checkpoints"
@@ -176,15 +178,45 @@ def saved_step(path: Path) -> int | None:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
 
 
-def find_last_checkpoint(log_dir: str | Path) -> Path:
-    """The most recently written `last.ckpt` under `log_dir` (Hydra's `outputs/` by default)."""
+def find_last_checkpoint(log_dir: str | Path, choice: str = "last") -> Path:
+    """The most recently written `last.ckpt` under `log_dir` (Hydra's `outputs/` by default);
+    `choice` is the `ckpt=` value that asked, for the message when there is none."""
     candidates = list(Path(log_dir).glob(f"**/{LAST_CHECKPOINT}"))
     if not candidates:
         raise ConfigError(
-            f"ckpt=last found no {LAST_CHECKPOINT} under {Path(log_dir).resolve()}: train a "
-            f"model first (python scripts/train.py), or give ckpt=<path to a .ckpt>."
+            f"ckpt={choice} found no {LAST_CHECKPOINT} under {Path(log_dir).resolve()}: train "
+            f"a model first (python scripts/train.py), or give ckpt=<path to a .ckpt>."
         )
     return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+def find_best_checkpoint(log_dir: str | Path) -> Path:
+    """`ckpt=best`: the best checkpoint by val loss of the newest run under `log_dir`, or, when
+    that run is a sweep's job, of the whole sweep (its summary's winner)."""
+    run_dir = find_last_checkpoint(log_dir, "best").parent.parent
+    runs = [run_dir]
+    if (run_dir.parent / SWEEP_FILE).is_file():
+        runs = [job for job in run_dir.parent.iterdir() if last_checkpoint(job).is_file()]
+    scored = [(read_run_record(run).best_val_loss, run) for run in runs]
+    for _, run in sorted((s for s in scored if s[0] is not None), key=lambda s: s[0]):
+        best = best_checkpoint_of(run)
+        if best is not None:
+            return best
+    raise ConfigError(
+        f"ckpt=best found no best checkpoint in {run_dir}: its run has not validated yet. "
+        f"Use ckpt=last, or ckpt=<path to a .ckpt>."
+    )
+
+
+def best_checkpoint_of(run_dir: Path) -> Path | None:
+    """The best checkpoint a run's `last.ckpt` names (in this folder, should the run have
+    moved), if it is there."""
+    saved = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=True, mmap=True)
+    for state in saved.get("callbacks", {}).values():
+        named = state.get("best_model_path") if isinstance(state, dict) else None
+        if named and (run_dir / CHECKPOINT_DIR / Path(named).name).is_file():
+            return run_dir / CHECKPOINT_DIR / Path(named).name
+    return None
 
 
 def checkpoint_to_resume(resume: str | None, ckpt_path: str | None) -> str | None:
