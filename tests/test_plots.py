@@ -27,7 +27,7 @@ from gptlab.sweeps.plots import (
     run_label,
     summary_figure,
 )
-from gptlab.training.plots import loss_figure, plot_losses, step_scale
+from gptlab.training.plots import loss_figure, plot_losses, run_title, step_scale
 
 Points = list[tuple[int, int, float]]
 
@@ -308,3 +308,11 @@ def test_a_failing_save_keeps_the_previous_png_and_no_temp_file(
         plot(path)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_loss_plot_is_titled_with_its_run(tmp_path: Path) -> None:
+    train = [(256 * s, s, 4.0 - 0.1 * s) for s in range(1, 5)]
+    (ax,) = loss_figure(train, [], title="2026-12-05/21-25-15").axes
+    assert ax.get_title(loc="left") == "2026-12-05/21-25-15"
+    job = tmp_path / "multirun" / "10-00-00" / "0-lr=0.001"
+    assert run_title(job / "loss.png") == "10-00-00/0-lr=0.001"

@@ -64,8 +64,10 @@ def step_scale(
 def loss_figure(
     train_losses: Sequence[tuple[int, int, float]],
     val_losses: Sequence[tuple[int, int, float]],
+    title: str = "",
 ) -> Figure:
-    """Train and val loss against tokens seen, steps on the top axis: the book's plot."""
+    """Train and val loss against tokens seen, steps on the top axis: the book's plot, titled
+    with the run it shows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -82,6 +84,7 @@ def loss_figure(
             ax.plot(tokens, losses, label=label, **style)
     ax.set_xlabel("Tokens seen")
     ax.set_ylabel("Loss")
+    ax.set_title(title, fontsize="medium", loc="left")
     ax.legend(loc="upper right")
     scale = step_scale([*train_losses, *val_losses])
     if scale is not None:
@@ -95,5 +98,12 @@ def plot_losses(
     val_losses: Sequence[tuple[int, int, float]],
     path: Path,
 ) -> None:
-    """Write `loss_figure` to `path` ((tokens seen, optimizer step, loss) triples)."""
-    save_figure(loss_figure(train_losses, val_losses), path)
+    """Write `loss_figure` to `path` ((tokens seen, optimizer step, loss) triples), titled with
+    the run folder that holds it."""
+    save_figure(loss_figure(train_losses, val_losses, run_title(path)), path)
+
+
+def run_title(path: Path) -> str:
+    """`2026-12-05/21-25-15` for a run's plot, `<sweep time>/0-lr=0.001` for a sweep job's."""
+    folder = Path(path).resolve().parent
+    return f"{folder.parent.name}/{folder.name}"
