@@ -248,9 +248,7 @@ def run(cfg: DictConfig) -> float:
             fit(cfg, settings, datamodule, recorder, resumed)
         except TrainingInterrupted as err:
             recorder.end(status_of(err), err)
-            saved = last_checkpoint(run_dir).is_file()
-            nothing = "No checkpoint had been saved, so there is nothing to resume."
-            err.resume_hint = resume_hint(run_dir) if saved else nothing
+            err.resume_hint = resume_hint(run_dir)
             raise
         except OSError as err:
             recorder.end("failed", err)
@@ -267,9 +265,14 @@ def run(cfg: DictConfig) -> float:
 
 
 def resume_hint(run_dir: Path) -> str:
+    """How to continue a stopped run, or that there is nothing to continue from."""
     last = last_checkpoint(run_dir)
-    kept = f" ({last.name} holds step {saved_step(last)})" if last.is_file() else ""
-    return f"Continue with `python scripts/train.py <same options> resume={run_dir}`{kept}."
+    if not last.is_file():
+        return "No checkpoint had been saved, so there is nothing to resume."
+    return (
+        f"Continue with `python scripts/train.py <same options> resume={run_dir}` "
+        f"({last.name} holds step {saved_step(last)})."
+    )
 
 
 def storage_error(err: OSError, run_dir: Path) -> StorageError:
