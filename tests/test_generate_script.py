@@ -102,7 +102,9 @@ def sweep_job(sweep_dir: Path, name: str, best_val_loss: float) -> Path:
     best.write_bytes(b"")
     callback = {"best_model_path": f"/elsewhere/{name}/checkpoints/{best.name}"}
     last = best.parent / "last.ckpt"
-    torch.save({"global_step": 5, "callbacks": {"RunCheckpoint{}": callback}}, last)
+    hparams = {"model": {"vocab_size": 3}, "tokenizer": {"name": "char"}}
+    saved = {"global_step": 5, "state_dict": {}, "hyper_parameters": hparams}
+    torch.save({**saved, "callbacks": {"RunCheckpoint{}": callback}}, last)
     write_run_record(job, RunRecord("completed", [], best_val_loss=best_val_loss))
     return best
 

@@ -211,7 +211,8 @@ def find_best_checkpoint(log_dir: str | Path) -> Path:
 def best_checkpoint_of(run_dir: Path) -> Path | None:
     """The best checkpoint a run's `last.ckpt` names (in this folder, should the run have
     moved), if it is there."""
-    saved = torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=True, mmap=True)
+    last = last_checkpoint(run_dir)
+    saved = read_checkpoint(last, f"ckpt=best: {last}", "use ckpt=<path to a .ckpt> instead.")
     for state in saved.get("callbacks", {}).values():
         named = state.get("best_model_path") if isinstance(state, dict) else None
         if named and (run_dir / CHECKPOINT_DIR / Path(named).name).is_file():
