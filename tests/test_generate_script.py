@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,23 @@ def test_ckpt_best_after_a_sweep_is_its_best_run(tmp_path: Path) -> None:
     # Outside a sweep, the newest run's own best.
     single = sweep_job(tmp_path / "outputs" / "2026-12-06", "09-00-00", 3.0)
     assert find_best_checkpoint(tmp_path / "outputs") == single
+
+
+def test_a_sweep_jobs_checkpoint_path_pastes_back_as_is(workdir: Path, tmp_path: Path) -> None:
+    """Sweep job folders are named `0-lr=0.001,drop_rate=0.1`: Hydra's grammar reads `=` and `,`
+    in a value as syntax, so gptlab quotes a path value that exists before Hydra sees it."""
+    job = tmp_path / "multirun" / "2026-12-05" / "10-00-00" / "0-lr=0.001,drop_rate=0.1"
+    shutil.copytree(workdir / "outputs" / "2026-11-22" / "03-00-00" / "checkpoints", job)
+    result = run_script(
+        "generate.py", f"ckpt={job / 'last.ckpt'}", "max_new_tokens=5", "temperature=0"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Every effort moves you" in result.stdout
+
+
+def test_a_value_hydra_cannot_read_says_how_to_quote_it(tmp_path: Path) -> None:
+    result = run_script("generate.py", "ckpt=last", "prompt=a=b", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "'prompt=a=b' is not an override Hydra can read" in result.stderr
+    assert "\"prompt='a=b'\"" in result.stderr
+    assert "Traceback" not in result.stderr

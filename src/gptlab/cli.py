@@ -101,12 +101,14 @@ def hydra_command(
         try:
             import hydra
 
+            from gptlab.overrides import quote_path_values
             from gptlab.runs import register_resolvers
             from gptlab.training.console import quiet_lightning
 
             expose_hydra_plugins()
             register_resolvers()
             quiet_lightning()
+            sys.argv[1:] = exit_on_reported_error(quote_path_values)(sys.argv[1:])
             exit_on_reported_error(check_run_location)(sys.argv[1:], owns_run_dir)
             body = owning_run_dir(task) if owns_run_dir else exit_on_reported_error(task)
             main = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)
@@ -147,10 +149,7 @@ def check_run_location(arguments: list[str], writes: bool) -> None:
     from gptlab.overrides import parse_overrides
     from gptlab.runs import continued_run_dir
 
-    try:
-        overrides = parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
-    except Exception:  # bad override syntax: Hydra itself reports it, with the grammar
-        return
+    overrides = parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
     given = {
         o.key_or_group: str(o.value())
         for o in overrides

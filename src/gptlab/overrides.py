@@ -4,6 +4,7 @@ them: split, shortened, named."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +18,38 @@ def parse_overrides(lines: Sequence[str]) -> list[Override]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_overrides(list(lines))
+
+
+def quote_path_values(arguments: Sequence[str]) -> list[str]:
+    """The command line with each `key=<path>` that Hydra's grammar cannot read quoted, so a
+    path gptlab printed (a sweep job's `0-lr=0.001/...`) pastes back as is.
+
+    Any other argument Hydra cannot read is a ConfigError that says how to quote its value.
+    """
+    from hydra.errors import OverrideParseException
+
+    from gptlab.errors import ConfigError
+
+    quoted = []
+    for argument in arguments:
+        key, sep, value = argument.partition("=")
+        if not sep or argument.startswith("-"):
+            quoted.append(argument)
+            continue
+        try:
+            parse_overrides([argument])
+        except OverrideParseException as err:
+            if not Path(value).expanduser().exists():
+                reason = str(err).splitlines()[0]
+                raise ConfigError(
+                    f"{argument!r} is not an override Hydra can read ({reason}). Characters such "
+                    f"as = , ( ) [ ] {{ }} and quotes are Hydra syntax inside a value: quote the "
+                    f"value, with the shell's quotes around it, e.g. \"{key}='{value}'\"."
+                ) from None
+            escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+            argument = f"{key}='{escaped}'"
+        quoted.append(argument)
+    return quoted
 
 
 def split_override(override: str) -> tuple[str, str]:
