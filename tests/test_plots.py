@@ -316,3 +316,33 @@ def test_loss_plot_is_titled_with_its_run(tmp_path: Path) -> None:
     assert ax.get_title(loc="left") == "2026-12-05/21-25-15"
     job = tmp_path / "multirun" / "10-00-00" / "0-lr=0.001"
     assert run_title(job / "loss.png") == "10-00-00/0-lr=0.001"
+
+
+def test_a_learning_rate_sweep_is_plotted_on_a_log_axis() -> None:
+    rows = [
+        row(0, {"optimizer.lr": "0.001"}, 2.26, "completed"),
+        row(1, {"optimizer.lr": "0.0003"}, 2.43, "completed"),
+    ]
+    (ax,) = summary_figure(rows).axes
+    assert ax.get_xscale() == "log"
+    rows = [
+        row(0, {"data.batch_size": "16"}, 2.26, "completed"),
+        row(1, {"data.batch_size": "32"}, 2.43, "completed"),
+    ]
+    (ax,) = summary_figure(rows).axes
+    assert ax.get_xscale() == "linear"
+
+
+def test_bars_start_near_the_lowest_loss_so_close_runs_differ_visibly() -> None:
+    rows = [
+        row(0, {"optimizer.lr": "0.001", "model.drop_rate": "0.1"}, 2.26, "completed"),
+        row(1, {"optimizer.lr": "0.0003", "model.drop_rate": "0.0"}, 2.43, "completed"),
+    ]
+    fig = summary_figure(rows)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    low, high = ax.get_xlim()
+    assert 0 < low < 2.26 and high > 2.43
+    boxes = [bar.get_window_extent() for bar in ax.patches]
+    visible = [min(b.x1, ax.bbox.x1) - max(b.x0, ax.bbox.x0) for b in boxes]
+    assert max(visible) > 1.5 * min(visible), "the longer loss shows a visibly longer bar"

@@ -30,6 +30,10 @@ RUN_COLOUR = "tab:blue"
 PRUNED_COLOUR = "0.7"
 
 
+# Swept values spread by this factor or more are plotted on a log axis.
+LOG_AXIS_RATIO = 3
+
+
 # Longer run labels are cut, so that the bars keep most of the width; summary.md has them whole.
 MAX_LABEL_CHARS = 60
 
@@ -93,7 +97,7 @@ def draw_against_value(ax: Axes, done: Sequence[dict[str, Any]], key: str) -> No
         fontweight="bold",
     )
     # Few ticks, so that long numbers such as learning rates never overlap.
-    if min(xs) > 0 and max(xs) >= 10 * min(xs):
+    if log_scaled(xs):
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(numticks=7))
     else:
@@ -101,6 +105,12 @@ def draw_against_value(ax: Axes, done: Sequence[dict[str, Any]], key: str) -> No
     ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(key)
     ax.set_ylabel("best val loss")
+
+
+def log_scaled(values: Sequence[float]) -> bool:
+    """Whether values are read by their ratios, as learning rates are: positive and spread by a
+    factor of LOG_AXIS_RATIO or more (a 1e-3 vs 3e-4 sweep), so a log axis spaces them evenly."""
+    return min(values) > 0 and max(values) >= LOG_AXIS_RATIO * min(values)
 
 
 def draw_bars(ax: Axes, done: Sequence[dict[str, Any]]) -> None:
@@ -117,7 +127,10 @@ def draw_bars(ax: Axes, done: Sequence[dict[str, Any]]) -> None:
     values[0] = "best " + values[0]
     labels = ax.bar_label(bars, values, padding=3, fontsize=7)
     labels[0].set(color=BEST_COLOUR, fontweight="bold")
-    ax.margins(x=0.25)  # room for the values
+    # The axis starts near the lowest loss, not at 0, where 2.26 and 2.43 would look alike.
+    low, high = min(losses), max(losses)
+    span = high - low or 0.05 * high
+    ax.set_xlim(max(0.0, low - 0.5 * span), high + 0.6 * span)  # room for the values
     ax.set_xlabel("best val loss (best first)")
 
 
