@@ -131,9 +131,16 @@ def test_resume_refuses_a_char_vocabulary_from_other_data(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("max_steps", "interval", "every"),
-    [(150, "auto", 100), (20, "auto", 20), (5000, "auto", 250), (150, 250, 150), (300, 7, 7)],
+    [
+        (150, "auto", 15),
+        (20, "auto", 2),
+        (1000, "auto", 100),
+        (5000, "auto", 250),
+        (150, 250, 150),
+        (300, 7, 7),
+    ],
 )
-def test_short_runs_are_never_refused_for_their_validation_interval(
+def test_short_runs_get_a_curve_of_validations_and_are_never_refused_for_their_interval(
     compose_train_config, max_steps: int, interval: str | int, every: int
 ) -> None:
     cfg = compose_train_config(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -36,10 +37,12 @@ PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "6
 GPU_ACCELERATORS = ("gpu", "cuda")
 ACCELERATORS = ("auto", "cpu", *GPU_ACCELERATORS, "mps", "tpu")
 # trainer.val_check_interval=auto: every AUTO_VAL_INTERVAL steps, or a twentieth of a run longer
-# than twenty times that, so a long run gets 20 val points and a short one no validation-bound
-# slowdown (every run also validates at step 0 and at its end).
+# than twenty times that, so a long run gets 20 val points and a 1,000-step one no
+# validation-bound slowdown; a shorter run validates MIN_VALIDATIONS times, enough points for a
+# curve (every run also validates at step 0 and at its end).
 AUTO_VAL_INTERVAL = 100
 VALIDATIONS_PER_LONG_RUN = 20
+MIN_VALIDATIONS = 10
 # trainer.val_check_interval=auto for a run bounded by neither steps nor epochs.
 ENDLESS_VAL_INTERVAL = 1000
 SEED_RANGE = (0, 2**32 - 1)
@@ -292,13 +295,14 @@ def is_endless(max_steps: int, max_epochs: int | None) -> bool:
 def val_interval(interval: Any, max_steps: int, endless: bool) -> int | float:
     """Optimizer steps between validations (or a fraction of an epoch); never refuses a short run.
 
-    `auto` (or null): every 100 steps, or a twentieth of a run longer than 2,000; once an
-    epoch when epochs bound the run. A count longer than the run is cut to the run, which
-    still validates at its end.
+    `auto` (or null): every 100 steps, a twentieth of a run longer than 2,000, or a tenth of
+    one shorter than 1,000; once an epoch when epochs bound the run. A count longer than the
+    run is cut to the run, which still validates at its end.
     """
     if interval in ("auto", None):
         if max_steps > 0:
-            return min(max_steps, max(AUTO_VAL_INTERVAL, max_steps // VALIDATIONS_PER_LONG_RUN))
+            every = max(AUTO_VAL_INTERVAL, max_steps // VALIDATIONS_PER_LONG_RUN)
+            return max(1, min(every, math.ceil(max_steps / MIN_VALIDATIONS)))
         return ENDLESS_VAL_INTERVAL if endless else 1.0
     if is_count(interval):
         if interval < 1:
