@@ -161,3 +161,10 @@ def test_every_model_field_says_whether_a_checkpoint_must_match_it() -> None:
     classes = (ARCHITECTURE_FIELDS, LAYOUT_FIELDS, TRAINING_ONLY_FIELDS)
     classified = [name for fields in classes for name in fields]
     assert sorted(classified) == sorted(f.name for f in dataclasses.fields(GPTConfig))
+
+
+def test_enable_progress_bar_false_alone_turns_the_bar_off(compose_train_config) -> None:
+    cfg = compose_train_config("model=tiny", "trainer.enable_progress_bar=false")
+    settings, _ = validate(cfg)
+    trainer = build_trainer(cfg, settings)
+    assert trainer.progress_bar_callback is None

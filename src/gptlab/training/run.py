@@ -18,6 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
@@ -151,6 +152,9 @@ def build_trainer(
         # gptlab's GracefulInterrupt saves at a step boundary and requeues on SIGUSR1.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     callbacks = instantiate_group(cfg, "callbacks")
+    if not options.get("enable_progress_bar", True):
+        # trainer.enable_progress_bar=false alone turns the bar off, as Lightning users expect.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = instantiate_group(cfg, "logger")
     try:
         return L.Trainer(**options, callbacks=callbacks, logger=loggers or False, plugins=plugins)
