@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from gptlab.checks import check_count
+
 log = logging.getLogger(__name__)
 
 # A CPU run expected to take longer than this is offered the CPU-sized experiment.
@@ -42,7 +44,7 @@ class CpuCost(Callback):
     the first steps' optimizer state has already reached."""
 
     def __init__(self, timed_steps: int = 3) -> None:
-        self.timed_steps = timed_steps
+        self.timed_steps = check_count("callbacks.cpu_cost.timed_steps", timed_steps, 1)
         self.first_step: int | None = None
         self.clock: float | None = None
 
