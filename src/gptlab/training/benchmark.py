@@ -26,7 +26,7 @@ from gptlab.model.tokenizers import CharTokenizer
 from gptlab.training.flops import peak_flops, training_flops_per_batch
 from gptlab.training.module import GPTLightningModule, model_loss
 from gptlab.training.monitor import TrainingMonitor, compute_dtype, synchronized_clock
-from gptlab.training.optim import OptimizerSettings, build_adamw
+from gptlab.training.optim import OptimizerSettings, build_optimizer
 from gptlab.training.settings import (
     check_accelerator,
     configure_matmul_precision,
@@ -116,7 +116,9 @@ def plain_round(
 ) -> None:
     """The loop a hand-written trainer runs: forward and loss, backward, clip, step, zero."""
     fused = optimizer_settings.use_fused(device.type, precision, bool(gradient_clip_val))
-    optimizer, scheduler = build_adamw(model, optimizer_settings, fused, total_steps=len(loader))
+    optimizer, scheduler = build_optimizer(
+        model, optimizer_settings, fused, total_steps=len(loader)
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     last: float | None = None
     model.train()

@@ -1,4 +1,4 @@
-"""The LightningModule: next-token cross-entropy, perplexity, AdamW, clipping and compile."""
+"""The LightningModule: next-token cross-entropy, perplexity, the optimizer, clipping, compile."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gptlab.errors import ConfigError
 from gptlab.model.gpt import GPTConfig, build_model
 from gptlab.model.tokenizers import Tokenizer, tokenizer_from_dict
-from gptlab.training.optim import OptimizerSettings, build_adamw
+from gptlab.training.optim import OptimizerSettings, build_optimizer
 from gptlab.training.sharding import global_norm, is_sharded, shard_model
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class GPTLightningModule(L.LightningModule):
             self.device.type, self.trainer.precision, bool(self.trainer.gradient_clip_val)
         )
         total_steps = settings.schedule_length(self.trainer.estimated_stepping_batches)
-        optimizer, scheduler = build_adamw(self, settings, fused, total_steps)
+        optimizer, scheduler = build_optimizer(self, settings, fused, total_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},

@@ -1,15 +1,17 @@
-"""AdamW as gptlab trains with it: settings checked once, parameter groups, schedule, fusing.
+"""The optimizers gptlab trains with: settings checked once, parameter groups, schedule, fusing.
 
-`OptimizerSettings` is built from the `optimizer` config group (plus `tokens_per_step`) where
-the run starts and travels typed from there; the LightningModule, the benchmark's plain loop
-and the checks before any data is read all use the same object.
+AdamW (`optimizer=adamw`), or Muon for the matrices inside the transformer blocks with AdamW
+for the rest (`optimizer=muon`). `OptimizerSettings` is built from the `optimizer` config group
+(plus `tokens_per_step`) where the run starts and travels typed from there; the
+LightningModule, the benchmark's plain loop and the checks before any data is read all use the
+same object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, Literal
 
@@ -17,17 +19,25 @@ import torch
 
 from gptlab.checks import check_count, is_number, reject_unknown
 from gptlab.errors import ConfigError
+from gptlab.model.gpt import TransformerBlock
 from gptlab.schema import check_fields
 
 SCHEDULES = ("constant", "cosine")
 # Lightning's precision whose GradScaler unscales fused AdamW's gradients inside its step.
 SCALED_PRECISION = "16-mixed"
+# Strategies that shard parameters across processes (matched on the strategy's name or its
+# class's, lowercased): Muon's Newton-Schulz iteration needs each matrix whole.
+SHARDING_STRATEGIES = ("fsdp", "modelparallel", "deepspeed")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    """AdamW's hyperparameters, its learning-rate schedule and how many tokens make a step."""
+    """The optimizer, its hyperparameters, the learning-rate schedule and how many tokens
+    make a step."""
 
+    # adamw; or muon: Muon for the 2-D matrices inside the transformer blocks, and AdamW with
+    # the settings below for the rest (embeddings, head, norms, biases).
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 4e-4
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
@@ -35,16 +45,39 @@ class OptimizerSettings:
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
-    # auto: the fused CUDA kernel where it is legal (not under 16-mixed with clipping).
+    # auto: the fused CUDA kernel where it is legal (not under 16-mixed with clipping). Under
+    # muon, for the AdamW part (Muon has no fused kernel).
     fused: bool | Literal["auto"] = "auto"
+    # Muon's own settings (name=muon). Its learning rate is scaled by the same schedule as lr,
+    # decaying to muon_lr x min_lr / lr.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95  # Nesterov momentum
+    muon_weight_decay: float = 0.0
+    # torch.optim.Muon's adjust_lr_fn: original (Keller Jordan's, which muon_lr 0.02 is tuned
+    # for) or match_rms_adamw (Moonshot's, for a muon_lr at AdamW's scale).
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
     # Tokens per optimizer step; sets gradient accumulation. None: one micro-batch a step.
     tokens_per_step: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
-        if not is_number(self.lr) or not self.lr > 0:
-            raise ConfigError(f"optimizer.lr={self.lr!r} must be positive, e.g. 4e-4.")
-        for key in ("weight_decay", "min_lr"):
+        if self.name not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer.name={self.name!r} is unknown: use adamw or muon.")
+        if self.muon_adjust_lr not in ("original", "match_rms_adamw"):
+            raise ConfigError(
+                f"optimizer.muon_adjust_lr={self.muon_adjust_lr!r} is unknown: use original or "
+                f"match_rms_adamw."
+            )
+        for key, example in (("lr", "4e-4"), ("muon_lr", "0.02")):
+            value = getattr(self, key)
+            if not is_number(value) or not value > 0:
+                raise ConfigError(f"optimizer.{key}={value!r} must be positive, e.g. {example}.")
+        if not (is_number(self.muon_momentum) and 0 <= self.muon_momentum < 1):
+            raise ConfigError(
+                f"optimizer.muon_momentum={self.muon_momentum!r} must be a number in [0, 1), "
+                f"e.g. 0.95."
+            )
+        for key in ("weight_decay", "min_lr", "muon_weight_decay"):
             value = getattr(self, key)
             if not is_number(value) or value < 0:
                 raise ConfigError(f"optimizer.{key}={value!r} must be a number >= 0.")
@@ -152,34 +185,152 @@ class OptimizerSettings:
                 "trainer.gradient_clip_val=null."
             )
 
+    def check_muon(self, arch: str, strategy: Any) -> None:
+        """Muon orthogonalises the whole matrices of the transformer blocks: a model without
+        blocks has none, and a sharding strategy gives each process only a slice of them."""
+        if self.name != "muon":
+            return
+        if arch != "gpt":
+            raise ConfigError(
+                f"optimizer=muon trains the matrices inside the transformer blocks, and "
+                f"model.arch={arch} has none: use optimizer=adamw for it."
+            )
+        name = strategy_name(strategy)
+        if name.lower().startswith(SHARDING_STRATEGIES):
+            raise ConfigError(
+                f"optimizer=muon cannot train under trainer.strategy={name}, which shards each "
+                f"weight matrix across the processes (trainer=fsdp does), while Muon's "
+                f"Newton-Schulz step needs every matrix whole. Use trainer=ddp, whose processes "
+                f"each hold the whole model, or optimizer=adamw with trainer=fsdp."
+            )
+
+
+def strategy_name(strategy: Any) -> str:
+    """A trainer.strategy setting by name: `ddp`, or the class a `_target_` names."""
+    if isinstance(strategy, Mapping):
+        return str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
+    return str(strategy)
+
 
 def scaled_clipping(precision: str, clipping: bool) -> bool:
     """Clipping gradients that a GradScaler has scaled (16-mixed)."""
     return str(precision) == SCALED_PRECISION and clipping
 
 
-def adamw_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def adamw_param_groups(
+    params: Iterable[torch.nn.Parameter], weight_decay: float
+) -> list[dict[str, Any]]:
     """Weight decay on matrices and embeddings only, never on biases or LayerNorm gains.
 
     FSDP2's sharded parameters keep their full shapes, so the rule holds under FSDP too.
     """
-    params = list(module.parameters())
+    params = list(params)
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
 
-def build_adamw(
+def muon_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weight matrices inside the transformer blocks: the hidden layers Muon is for.
+
+    The embeddings and the head are matrices too, but a lookup table and the output layer
+    are not hidden layers; Keller Jordan's Muon and modded-nanogpt train them with Adam.
+    """
+    blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
+    found = {id(p): p for block in blocks for p in block.parameters() if p.dim() == 2}
+    return list(found.values())
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon and torch.optim.AdamW stepped as one optimizer.
+
+    Lightning's automatic optimization steps one optimizer, and the schedule, clipping, the
+    precision plugins and checkpoints read one. The two share this optimizer's param groups
+    (AdamW's first, so `param_groups[0]["lr"]`, what the monitor logs, stays optimizer.lr)
+    and its `state`, so `state_dict` is PyTorch's usual format holding both and a scheduler
+    scales every group from its own base lr.
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+        self.adamw_groups = len(adamw.param_groups)
+        super().__init__([*adamw.param_groups, *muon.param_groups], defaults={})
+        self.share_groups_and_state()
+
+    def share_groups_and_state(self) -> None:
+        """Point both optimizers at this one's groups and state, which `load_state_dict`
+        replaces with new objects."""
+        split = self.adamw_groups
+        self.adamw.__setstate__({"state": self.state, "param_groups": self.param_groups[:split]})
+        self.muon.__setstate__({"state": self.state, "param_groups": self.param_groups[split:]})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.share_groups_and_state()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Lightning's closure (forward, backward, clipping) once, then both updates."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def build_optimizer(
     module: torch.nn.Module, settings: OptimizerSettings, fused: bool, total_steps: int
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over `module` with its decay groups, and its schedule as a per-step scheduler
-    (`total_steps` optimizer steps: where the cosine reaches min_lr)."""
-    optimizer = torch.optim.AdamW(
-        adamw_param_groups(module, settings.weight_decay),
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer `settings.name` names over `module`, and its schedule as a per-step
+    scheduler (`total_steps` optimizer steps: where the cosine reaches min_lr).
+
+    Under muon, AdamW takes what Muon does not (embeddings, head, norms, biases) with its
+    decay groups, and the one schedule scales lr and muon_lr alike.
+    """
+    if settings.name == "adamw":
+        return build_adamw(module, settings, fused, total_steps)
+    matrices = muon_params(module)
+    taken = {id(p) for p in matrices}
+    muon = torch.optim.Muon(
+        matrices,
+        lr=settings.muon_lr,
+        weight_decay=settings.muon_weight_decay,
+        momentum=settings.muon_momentum,
+        adjust_lr_fn=settings.muon_adjust_lr,
+    )
+    adamw = torch.optim.AdamW(
+        adamw_param_groups(
+            (p for p in module.parameters() if id(p) not in taken), settings.weight_decay
+        ),
         lr=settings.lr,
         betas=settings.betas,
         fused=fused,
     )
-    schedule = partial(settings.lr_multiplier, total_steps=total_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer = MuonWithAdamW(muon, adamw)
+    return optimizer, per_step_schedule(optimizer, settings, total_steps)
+
+
+def build_adamw(
+    module: torch.nn.Module, settings: OptimizerSettings, fused: bool, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `module` with its decay groups, and its schedule as a per-step scheduler."""
+    optimizer = torch.optim.AdamW(
+        adamw_param_groups(module.parameters(), settings.weight_decay),
+        lr=settings.lr,
+        betas=settings.betas,
+        fused=fused,
+    )
+    return optimizer, per_step_schedule(optimizer, settings, total_steps)
+
+
+def per_step_schedule(
+    optimizer: torch.optim.Optimizer, settings: OptimizerSettings, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule, stepped once per optimizer step, scaling each param group from its own
+    base lr (`total_steps`: where the cosine reaches min_lr)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(settings.lr_multiplier, total_steps=total_steps)
+    )

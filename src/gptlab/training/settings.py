@@ -368,6 +368,7 @@ class RunSettings:
         )
         trainer = TrainerSettings.from_mapping(OmegaConf.to_container(cfg.trainer, resolve=True))
         optimizer.check_fused(trainer.options["precision"], trainer.clipping)
+        optimizer.check_muon(fields.get("arch", GPTConfig.arch), trainer.options.get("strategy"))
         if optimizer.tokens_per_step and trainer.options.get("accumulate_grad_batches", 1) != 1:
             raise ConfigError(
                 "Set either tokens_per_step or trainer.accumulate_grad_batches, not both: "
