@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from conftest import CONF_DIR, needs_shared_data, needs_tiktoken, run_script
 from gptlab.data.corpus import SOURCES, CorpusSpec
@@ -168,3 +169,48 @@ def test_enable_progress_bar_false_alone_turns_the_bar_off(compose_train_config)
     settings, _ = validate(cfg)
     trainer = build_trainer(cfg, settings)
     assert trainer.progress_bar_callback is None
+
+
+def test_resume_with_another_optimizer_is_refused_before_any_data(
+    compose_train_config, tmp_path: Path
+) -> None:
+    """A checkpoint's optimizer state fits only the optimizer that wrote it (AdamW's groups are
+    not Muon-and-AdamW's): PyTorch's error would come at the first step, as a traceback."""
+    checkpoint = tmp_path / "last.ckpt"
+    cfg = compose_train_config("model=tiny", "optimizer=muon")
+    saved = {
+        "model": saved_model(cfg),
+        "tokenizer": {"name": "char"},
+        "optimizer": {"name": "adamw"},
+    }
+    torch.save({"state_dict": {}, "hyper_parameters": saved}, checkpoint)
+    with pytest.raises(ConfigError, match="trained with optimizer=adamw, but the config has"):
+        validate(cfg, SavedRun.read(checkpoint))
+    validate(compose_train_config("model=tiny"), SavedRun.read(checkpoint))
+
+
+@pytest.mark.parametrize(
+    ("changes", "overrides", "named"),
+    [
+        ({"logit_softcap": 30.0}, [], "model.logit_softcap=30.0"),
+        # Saved before the switch existed (None: left out): trained with its default.
+        ({"pos_emb": None}, ["model.pos_emb=rope"], "model.pos_emb='learned'"),
+    ],
+    ids=["switched-off", "older-checkpoint"],
+)
+def test_resume_compares_every_switch_with_the_checkpoints(
+    compose_train_config, tmp_path: Path, changes: dict, overrides: list[str], named: str
+) -> None:
+    checkpoint = tmp_path / "last.ckpt"
+    cfg = compose_train_config("model=tiny", *overrides)
+    saved = {"model": saved_model(cfg, **changes), "tokenizer": {"name": "char"}}
+    torch.save({"state_dict": {}, "hyper_parameters": saved}, checkpoint)
+    with pytest.raises(ConfigError, match=re.escape(f"was trained with {named}")):
+        validate(cfg, SavedRun.read(checkpoint))
+
+
+def saved_model(cfg: DictConfig, **changes: object) -> dict:
+    """The GPTConfig fields of cfg's model, as its checkpoints hold them; None leaves one out."""
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    model = {key: value for key, value in cfg.model.items() if key in fields}
+    return {key: value for key, value in {**model, **changes}.items() if value is not None}

@@ -34,9 +34,12 @@ CHECKPOINT_SUFFIX = ".ckpt"
 # Which model settings a checkpoint and a run may disagree on. What the weights compute must
 # always match; how they are laid out only when the state is restored as is (resume), since
 # init_from crops, pads and ties them; how they were first drawn or are regularised, never.
-ARCHITECTURE_FIELDS = ("arch", "vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias")
+ARCHITECTURE_FIELDS = (
+    *("arch", "vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias"),
+    *("pos_emb", "rope_base", "norm", "qk_norm", "mlp", "mlp_hidden", "bias", "logit_softcap"),
+)
 LAYOUT_FIELDS = ("context_length", "tie_weights", "pad_vocab_multiple")
-TRAINING_ONLY_FIELDS = ("drop_rate", "init")
+TRAINING_ONLY_FIELDS = ("drop_rate", "init", "zero_init_proj")
 
 
 def fields_that_must_match(adapting_layout: bool) -> tuple[str, ...]:
@@ -270,15 +273,33 @@ class SavedRun:
     def check_fits(self, model: dict[str, Any], tokenizer: str) -> None:
         """The config asks for the model this checkpoint holds (resume: layout included)."""
         wanted = {"tokenizer": tokenizer, **model}
-        saved = {"tokenizer": self.tokenizer["name"], **self.model}
+        # A checkpoint from before a setting existed was trained with its default.
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(GPTConfig)
+            if f.default is not dataclasses.MISSING
+        }
+        saved = {"tokenizer": self.tokenizer["name"], **defaults, **self.model}
         for key in ("tokenizer", *fields_that_must_match(adapting_layout=False)):
-            if wanted.get(key) is None or key not in saved or saved[key] == wanted[key]:
+            following = key == "vocab_size" and wanted.get(key) is None  # the tokenizer's
+            if following or key not in wanted or key not in saved or saved[key] == wanted[key]:
                 continue
             raise ConfigError(
                 f"Checkpoint {self.path} was trained with model.{key}={saved[key]!r}, but the "
                 f"config has model.{key}={wanted[key]!r}: resume with the checkpoint's model "
                 f"settings (model.{key}={saved[key]!r}), or start a new run without "
                 f"ckpt_path/resume."
+            )
+
+    def check_optimizer(self, name: str) -> None:
+        """The config's optimizer is the one whose state the checkpoint holds."""
+        saved = self.hyper_parameters.get("optimizer", {}).get("name", "adamw")
+        if saved != name:
+            raise ConfigError(
+                f"Checkpoint {self.path} was trained with optimizer={saved}, but the config has "
+                f"optimizer={name}: its saved state fits only its own optimizer. Resume with "
+                f"optimizer={saved}, or start a new run from its weights with "
+                f"init_from={self.path}."
             )
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
