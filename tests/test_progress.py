@@ -173,3 +173,15 @@ def test_a_real_run_draws_one_bar_of_max_steps_after_the_ctrl_c_hint(tmp_path: P
     (hint_line,) = [line for line in out.split("\n") if INTERRUPT_HINT in line]
     assert "steps" not in hint_line and "|" not in hint_line, "the hint has a line of its own"
     assert out.index(INTERRUPT_HINT) < out.index(" steps ")
+
+
+def test_a_run_resumed_inside_an_epoch_draws_its_bar_from_the_resumed_step(tmp_path: Path) -> None:
+    """Lightning starts no epoch when it resumes inside one, so the bar is drawn at the first
+    batch; it used to be read before it existed, and every resume with the bar crashed."""
+    overrides = [o for o in TINY_RUN if "progress_bar" not in o and "max_steps" not in o]
+    first = run_script("train.py", *overrides, "trainer.max_steps=20", f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_script("train.py", *overrides, "trainer.max_steps=30", f"resume={tmp_path}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    counts = [int(m[2]) for m in BAR.finditer(second.stdout)]
+    assert counts and min(counts) >= 20 and counts[-1] == 30, second.stdout[-2000:]

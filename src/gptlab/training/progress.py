@@ -108,17 +108,25 @@ class RunProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         if not self._drawn:
-            # After GracefulInterrupt.setup, so the hint is said only once Ctrl-C
-            # does what it says, and before the bar is drawn, so it gets a line of its own.
-            interruptible = any(isinstance(c, GracefulInterrupt) for c in trainer.callbacks)
-            on_main_thread = threading.current_thread() is threading.main_thread()
-            if interruptible and on_main_thread and trainer.is_global_zero:
-                log.info(INTERRUPT_HINT)
-            self.train_progress_bar = self.init_train_tqdm()
-            self._drawn = True
-            self._shown_step = trainer.global_step
+            self.draw(trainer)
         elif not self.train_progress_bar.disable:
             self.train_progress_bar.set_description(self.train_description)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        """A run resumed inside an epoch starts no epoch: its bar is drawn at its first batch."""
+        if not self._drawn:
+            self.draw(trainer)
+
+    def draw(self, trainer: L.Trainer) -> None:
+        # After GracefulInterrupt.setup, so the hint is said only once Ctrl-C
+        # does what it says, and before the bar is drawn, so it gets a line of its own.
+        interruptible = any(isinstance(c, GracefulInterrupt) for c in trainer.callbacks)
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        if interruptible and on_main_thread and trainer.is_global_zero:
+            log.info(INTERRUPT_HINT)
+        self.train_progress_bar = self.init_train_tqdm()
+        self._drawn = True
+        self._shown_step = trainer.global_step
 
     def on_train_batch_end(
         self,
