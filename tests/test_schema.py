@@ -15,15 +15,20 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from conftest import CONF_DIR
 from gptlab.data.datamodule import CorpusSpec, LoaderSettings
 from gptlab.errors import ConfigError
 from gptlab.model.gpt import GPTConfig
 from gptlab.schema import conforms, init_parameters
+from gptlab.training.loggers import passed_on
 from gptlab.training.optim import OptimizerSettings
 from gptlab.training.run import build_trainer, validate
 from gptlab.training.settings import ModelUse, RunKeys
 
 BASE = ("model=tiny", "trainer=cpu")
+# Every logger of conf/logger/ at once (`many` is a set of them), so their keys are walked too.
+LOGGERS = sorted(p.stem for p in (CONF_DIR / "logger").glob("*.yaml") if p.stem != "many")
+EVERY_LOGGER = f"logger=[{','.join(LOGGERS)}]"
 
 # A value out of range for each key whose type alone does not rule it out.
 BAD_VALUES = {
@@ -39,6 +44,12 @@ BAD_VALUES = {
     "model.tokenizer": "bpe",
     "model.lr": "0",
     "model.compile_mode": "fastest",
+    "model.pos_emb": "alibi",
+    "model.rope_base": "0",
+    "model.norm": "batchnorm",
+    "model.mlp": "geglu",
+    "model.mlp_hidden": "0",
+    "model.logit_softcap": "-30.0",
     "data.batch_size": "0",
     "data.stride": "0",
     "data.train_ratio": "1.0",
@@ -51,6 +62,9 @@ BAD_VALUES = {
     "optimizer.schedule": "linear",
     "optimizer.warmup_steps": "-1",
     "optimizer.min_lr": "-1",
+    "optimizer.muon_lr": "0",
+    "optimizer.muon_momentum": "1.0",
+    "optimizer.muon_weight_decay": "-0.1",
     "trainer.max_steps": "0",
     "trainer.max_epochs": "0",
     "trainer.val_check_interval": "0",
@@ -66,6 +80,7 @@ BAD_VALUES = {
     "optimized_metric": "train/loss",
     "tokens_per_step": "1000",
     "callbacks.checkpoint.every_n_steps": "0",
+    "callbacks.cpu_cost.timed_steps": "0",
     "callbacks.sample_text.top_k": "0",
     "callbacks.sample_text.temperature": "-1",
     "callbacks.sample_text.max_new_tokens": "-1",
@@ -107,16 +122,22 @@ def group_keys(cfg: DictConfig) -> dict[str, object]:
         for key in node:
             if not key.startswith("_"):
                 keys[f"callbacks.{name}.{key}"] = arguments[key]
+    for name, node in cfg.logger.items():
+        target = get_class(node._target_)
+        arguments = init_parameters(target, passed_on(target))
+        for key in node:
+            if not key.startswith("_"):
+                keys[f"logger.{name}.{key}"] = arguments[key]
     return keys
 
 
 @pytest.fixture
-def check(compose_train_config: Callable[..., DictConfig]) -> Callable[[str], str]:
-    """The message of the ConfigError raised for one override where a run checks its config,
+def check(compose_train_config: Callable[..., DictConfig]) -> Callable[..., str]:
+    """The message of the ConfigError raised for overrides where a run checks its config,
     before any data: `validate`, then building the Trainer, its callbacks and loggers."""
 
-    def _check(override: str) -> str:
-        cfg = compose_train_config(*BASE, override)
+    def _check(*overrides: str) -> str:
+        cfg = compose_train_config(*BASE, *overrides)
         with pytest.raises(ConfigError) as err:
             build_trainer(cfg, validate(cfg)[0])
         return str(err.value)
@@ -180,3 +201,29 @@ RUN_NUMBERS = {"seed", "max_new_tokens", "tokens_per_step"}
 )
 def test_a_key_nothing_reads_is_refused(check: Callable[[str], str], override: str, named: str):
     assert named in check(override)
+
+
+def needs_logger_extras() -> None:
+    """Every logger at once needs the packages of gptlab's mlflow and wandb extras."""
+    for module, extra in (("mlflow", "mlflow"), ("sqlalchemy", "mlflow"), ("wandb", "wandb")):
+        pytest.importorskip(module, reason=f'needs the {extra} extra: pip install -e ".[{extra}]"')
+
+
+def test_every_key_of_every_logger_refuses_a_wrong_type(
+    compose_train_config: Callable[..., DictConfig], check: Callable[..., str]
+) -> None:
+    needs_logger_extras()
+    keys = group_keys(compose_train_config(*BASE, EVERY_LOGGER))
+    logger_keys = {key: hint for key, hint in keys.items() if key.startswith("logger.")}
+    assert {key.split(".")[1] for key in logger_keys} == set(LOGGERS)
+    for key, hint in logger_keys.items():
+        message = check(EVERY_LOGGER, f"++{key}={wrong_type(hint) or 'abc'}")
+        assert message.startswith(f"{key}="), (key, message)
+
+
+@pytest.mark.parametrize("name", ["csv", "mlflow", "wandb"])
+def test_a_key_no_logger_reads_is_refused(check: Callable[..., str], name: str) -> None:
+    needs_logger_extras()
+    # WandbLogger hands the keys it does not take to wandb.init, which takes no others.
+    message = check(EVERY_LOGGER, f"+logger.{name}.foo=1")
+    assert f"logger.{name}.foo is not an argument of" in message

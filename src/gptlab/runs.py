@@ -103,8 +103,16 @@ def hydra_config_subdir(resume: str | None, ckpt_path: str | None) -> str:
     return f"{HYDRA_DIR}/resume-{stamp}" if continuing else HYDRA_DIR
 
 
+def run_name(log_dir: str, run_dir: str) -> str:
+    """A run's name in the loggers, as `tensorboard --logdir <log dir>` names it: its folder
+    under the log dir (`2026-12-05/10-00-00`, `multirun/<date>/<time>/0-lr=0.001`), or the
+    folder's own name where it lies elsewhere."""
+    run, logs = Path(run_dir).resolve(), Path(log_dir).resolve()
+    return run.relative_to(logs).as_posix() if logs in run.parents else run.name
+
+
 def register_resolvers() -> None:
-    """Make the resolvers `conf/hydra/default.yaml` uses known to OmegaConf.
+    """Make the resolvers `conf/hydra/default.yaml` and `conf/logger/` use known to OmegaConf.
 
     Cached, so each config resolves its directory once; Hydra copies the cache from a sweep's
     config to each job's, so all jobs see the same sweep directory.
@@ -112,6 +120,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("gptlab.run_dir", hydra_run_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("gptlab.new_dir", claim_new_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("gptlab.job_subdir", job_subdir, replace=True)
+    OmegaConf.register_new_resolver("gptlab.run_name", run_name, replace=True)
 
 
 def requeued_checkpoint(run_dir: Path) -> str | None:

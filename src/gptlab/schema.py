@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import pathlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +41,7 @@ def conforms(value: Any, hint: Any) -> bool:
         return (
             isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         )
-    if hint is str:
+    if hint is str or hint is pathlib.Path:
         return isinstance(value, str)
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -67,7 +68,13 @@ def describe(hint: Any) -> str:
         return f"a list of {len(args)} ({', '.join(describe(arg) for arg in args)})"
     if origin in (list, Sequence):
         return f"a list of {describe(args[0])}s" if args else "a list"
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    names = {
+        bool: "true or false",
+        int: "a whole number",
+        float: "a number",
+        str: "a string",
+        pathlib.Path: "a path",
+    }
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
@@ -98,11 +105,16 @@ def init_parameters(
         function = owner.__init__ if inspect.isclass(owner) else owner
         if inspect.isclass(owner) and "__init__" not in vars(owner):
             continue
+        parameters = inspect.signature(function).parameters
         try:
             hints = typing.get_type_hints(function)
-        except (NameError, TypeError):  # annotations naming types this module cannot resolve
-            hints = {}
-        parameters = inspect.signature(function).parameters
+        except (NameError, TypeError):  # a hint names a type this module cannot resolve
+            # (WandbLogger's `experiment: Union["Run", ...]`): the others still check values.
+            hints = {
+                name: parameter.annotation
+                for name, parameter in parameters.items()
+                if not isinstance(parameter.annotation, str)
+            }
         for name, parameter in parameters.items():
             if name != "self" and parameter.kind not in passed_on:
                 found.setdefault(name, hints.get(name, Any))

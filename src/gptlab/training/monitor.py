@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from torch.utils.tensorboard.summary import hparams
 
 from gptlab.errors import TrainingInterrupted
@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 # The dtype whose peak FLOP/s an MFU is measured against, by Lightning precision.
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
+# Loggers with a place for text, where the samples go (CSVLogger has none).
+TEXT_LOGGERS = (TensorBoardLogger, WandbLogger, MLFlowLogger)
+# The HParams columns of a run outside a sweep (a sweep's are the keys it varies, then the
+# parameter count): the model's size and the settings most often changed between runs, few
+# enough for TensorBoard's table, which shows its first five columns until more are ticked.
+RUN_COLUMNS = ("n_parameters", "optimizer/lr", "data/batch_size", "trainer/max_steps")
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -238,7 +244,8 @@ def inference_model(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.n
 
 
 class SampleText(Callback):
-    """At each validation, sample a continuation of a fixed prompt into TensorBoard's Text tab.
+    """At each validation, sample a continuation of a fixed prompt into each logger with a place
+    for text: TensorBoard's Text tab, a W&B table, MLflow artifacts `sample/step_<n>.md`.
 
     The sampling seed is fixed, so differences between steps come from the model alone.
     """
@@ -259,14 +266,15 @@ class SampleText(Callback):
         self.seed = seed
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not tensorboard_loggers(trainer):
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TEXT_LOGGERS)]
+        if not loggers:
             return
         model = inference_model(trainer, pl_module)
         if model is None:
             return
         text = self.sample(model, pl_module)
-        for logger in tensorboard_loggers(trainer):
-            logger.experiment.add_text("sample", text, global_step=trainer.global_step)
+        for logger in loggers:
+            log_text(logger, "sample", text, trainer.global_step)
 
     def sample(self, model: torch.nn.Module, pl_module: L.LightningModule) -> str:
         """Markdown: the settings, then prompt and continuation as an indented (verbatim) block."""
@@ -290,43 +298,61 @@ class SampleText(Callback):
 
 
 class HParamsSummary(Callback):
-    """Fills TensorBoard's HParams tab: the run's key settings, parameter count and val metrics.
+    """The run's key settings, parameter count and swept values as hyperparameters of every
+    logger, and TensorBoard's HParams tab.
 
-    Logged once, at the first validation (step 0 for a fresh run, the untrained model), with
-    real metric values, so `hp_metric = -1` never appears. The tab then shows the latest value
-    of each metric's scalar curve. It also lays out a Custom Scalars chart of train and val
-    loss together, which reads right even where smoothing bends a curve of few val points.
+    Logged when fit starts, so they reach the hyperparameter file each logger writes then
+    (TensorBoard's and CSV's hparams.yaml). The tab's columns are what tells runs apart: a
+    sweep's swept keys first, then the parameter count, or `columns` outside a sweep; the
+    settings every run shares stay out of the table, in those files. Then come the metrics,
+    whose values the tab reads from their scalar curves (the latest point), so no
+    `hp_metric = -1` appears. It also lays out a Custom Scalars chart of train and val loss
+    together, which reads right even where smoothing bends a curve of few val points.
     """
 
     def __init__(
-        self, config: dict[str, Any], metrics: Sequence[str] = ("val/loss", "val/ppl")
+        self,
+        config: dict[str, Any],
+        metrics: Sequence[str] = ("val/loss", "val/ppl"),
+        columns: Sequence[str] = RUN_COLUMNS,
     ) -> None:
         self.config = config
         self.metrics = list(metrics)
-        self.logged = False
+        self.columns = list(columns)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.logged:
-            return
-        available = trainer.callback_metrics
-        metrics = {name: float(available[name]) for name in self.metrics if name in available}
-        params = {**self.config, "n_parameters": count_parameters(pl_module.model)}
-        params = {**flat_hparams(params), **swept_hparams()}
-        self.logged = True
-        if not trainer.is_global_zero or not metrics:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
             return  # other ranks' loggers are dummies
-        # The tab reads each metric's values from its scalar curve, so the summaries name the
-        # metrics without logging them again, as Lightning's log_hyperparams(metrics=) would:
-        # that gave val/loss a second point at step 0.
-        summaries = hparams(params, metrics)
+        swept = swept_hparams()
+        params = {**self.config, "n_parameters": count_parameters(pl_module.model)}
+        params = {**flat_hparams(params), **swept}
+        # Lightning gives every logger the module's own hyperparameters (model/..., optimizer/...)
+        # right after this hook; MLflow refuses a second value for a name, so those are left out.
+        given = flat_hparams(dict(pl_module.hparams_initial))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({k: v for k, v in params.items() if k not in given})
+        columns = [*swept, "n_parameters"] if swept else self.columns
+        table = {name: params[name] for name in columns if params.get(name) is not None}
+        # The summaries name the metrics without logging them, as Lightning's
+        # log_hyperparams(metrics=) would: that gave val/loss a second point at step 0.
+        summaries = hparams(table, dict.fromkeys(self.metrics))
         for logger in tensorboard_loggers(trainer):
-            logger.log_hyperparams(params)  # for hparams.yaml; no scalars without metrics=
             writer = logger.experiment
             for summary in summaries:
                 writer.file_writer.add_summary(summary, trainer.global_step)
             writer.add_custom_scalars(
                 {"loss": {"train and val": ["Multiline", ["train/loss", "val/loss"]]}}
             )
+
+
+def log_text(logger: Logger, key: str, text: str, step: int) -> None:
+    """`text` into the logger's own place for text, labelled with the optimizer step."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text(key, text, global_step=step)
+    elif isinstance(logger, WandbLogger):
+        logger.log_text(key, columns=["step", "text"], data=[[step, text]], step=step)
+    elif isinstance(logger, MLFlowLogger):
+        logger.experiment.log_text(logger.run_id, text, f"{key}/step_{step:06d}.md")
 
 
 def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:

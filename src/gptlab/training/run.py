@@ -9,21 +9,21 @@ import dataclasses
 import errno
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
 
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.errors import ConfigError, StorageError, TrainingInterrupted
@@ -42,6 +42,7 @@ from gptlab.training.checkpoints import (
     saved_step,
 )
 from gptlab.training.flops import device_name
+from gptlab.training.loggers import OFFLINE_ENVIRONMENT, check_logger, finish_wandb_run, log_summary
 from gptlab.training.module import GPTLightningModule, check_vocab_size
 from gptlab.training.monitor import TrainingMonitor, inference_model
 from gptlab.training.records import RunRecord, error_line, status_of, write_run_record
@@ -54,8 +55,6 @@ OPTIMIZED_METRICS: dict[str, Callable[[RunRecord], float]] = {
     "val/loss": lambda record: record.best_val_loss,
     "val/ppl": lambda record: record.val_ppl,
 }
-# Loggers that hand the keyword arguments they do not take to a class of their own.
-FORWARDED_ARGUMENTS = {TensorBoardLogger: SummaryWriter}
 # OSError numbers that mean the disk, not the program, failed the run.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
@@ -66,13 +65,10 @@ def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSetti
     The data module is built (not loaded) here, which checks the data group's values.
     """
     settings = RunSettings.from_cfg(cfg)
-    for group in ("callbacks", "logger"):
-        for name, node in (cfg.get(group) or {}).items():
-            if node is not None:
-                target = get_class(node._target_)
-                values = OmegaConf.to_container(node, resolve=True)
-                passes_on = FORWARDED_ARGUMENTS.get(target)
-                check_arguments(f"{group}.{name}", target, values, passes_on)
+    for key, target, values in group_nodes(cfg, "callbacks"):
+        check_arguments(key, target, values)
+    for key, target, values in group_nodes(cfg, "logger"):
+        check_logger(key, target, values)
     datamodule = GPTDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True))
     datamodule.connect(settings.tokenizer, settings.model["context_length"])
     if settings.tokenizer == "gpt2" and settings.model["vocab_size"] is not None:
@@ -83,9 +79,18 @@ def validate(cfg: DictConfig, resumed: SavedRun | None = None) -> tuple[RunSetti
     settings = dataclasses.replace(settings, accumulation=accumulation)
     if resumed is not None:
         resumed.check_fits(settings.model, settings.tokenizer)
+        resumed.check_optimizer(settings.optimizer.name)
     if cfg.get("init_from"):
         find_initial_weights(cfg.init_from)
     return settings, datamodule
+
+
+def group_nodes(cfg: DictConfig, group: str) -> Iterator[tuple[str, type, dict[str, Any]]]:
+    """A group's nodes that are set, as (`group.name`, the `_target_` class, resolved values)."""
+    for name, node in (cfg.get(group) or {}).items():
+        if node is not None:
+            values = OmegaConf.to_container(node, resolve=True)
+            yield f"{group}.{name}", get_class(node._target_), values
 
 
 def run_to_resume(cfg: DictConfig, run_dir: Path) -> SavedRun | None:
@@ -135,9 +140,13 @@ def build_strategy(node: dict, world_size: int) -> object:
 
 
 def build_trainer(
-    cfg: DictConfig, settings: RunSettings, resumed: SavedRun | None = None
+    cfg: DictConfig,
+    settings: RunSettings,
+    resumed: SavedRun | None = None,
+    recorder: RunRecorder | None = None,
 ) -> L.Trainer:
-    """The Trainer with its callbacks and loggers; steps are optimizer steps throughout.
+    """The Trainer with its callbacks (the run's `recorder` last) and loggers; steps are
+    optimizer steps throughout.
 
     Everything is decided before it is built (accumulation from the world size, the untrained
     validation for new runs only), so nothing is changed on it afterwards.
@@ -155,6 +164,10 @@ def build_trainer(
     if not options.get("enable_progress_bar", True):
         # trainer.enable_progress_bar=false alone turns the bar off, as Lightning users expect.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if recorder is not None:
+        callbacks.append(recorder)
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     loggers = instantiate_group(cfg, "logger")
     try:
         return L.Trainer(**options, callbacks=callbacks, logger=loggers or False, plugins=plugins)
@@ -184,9 +197,11 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-@dataclasses.dataclass
-class RunRecorder:
-    """Keeps `<run dir>/run_summary.json` true to the run, whatever ends it.
+@dataclasses.dataclass(eq=False)
+class RunRecorder(Callback):
+    """Keeps `<run dir>/run_summary.json` true to the run, whatever ends it, and hands the
+    record's numbers to every logger as `summary/<field>` metrics when fit ends or fails,
+    before Lightning closes the loggers.
 
     A resume that fails before training starts leaves the earlier run's record as it was;
     a record that cannot be written (a full disk) is logged, not allowed to hide the error.
@@ -209,7 +224,8 @@ class RunRecorder:
         self.trainer, self.training = trainer, True
         self.write(RunRecord("running", self.overrides))
 
-    def end(self, status: str, error: BaseException | None = None) -> RunRecord:
+    def record(self, status: str, error: BaseException | None = None) -> RunRecord:
+        """The run as it stands, ended by `status` (and `error`)."""
         record = RunRecord(
             status,
             self.overrides,
@@ -232,9 +248,24 @@ class RunRecorder:
             record.device = device_name(self.trainer.strategy.root_device)
             record.precision = str(self.trainer.precision)
             record.float32_matmul_precision = torch.get_float32_matmul_precision()
+        return record
+
+    def end(self, status: str, error: BaseException | None = None) -> RunRecord:
+        record = self.record(status, error)
         if self.training or not self.resuming:
             self.write(record)
         return record
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_summary(trainer, self.record("completed"))
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            log_summary(trainer, self.record(status_of(exception), exception))
+        except Exception as err:  # a logger that fails too must not hide the run's own error
+            log.warning("Could not log the run's summary: %s", err)
 
 
 def run(cfg: DictConfig) -> float:
@@ -299,7 +330,7 @@ def fit(
     model first, inside `fit`), report."""
     L.seed_everything(settings.seed, workers=True)
     configure_matmul_precision(settings.trainer.device_type)
-    trainer = build_trainer(cfg, settings, resumed)
+    trainer = build_trainer(cfg, settings, resumed, recorder)
     datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
@@ -327,7 +358,12 @@ def fit(
     )
     recorder.start(trainer)
     ckpt_path = str(resumed.path) if resumed is not None else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        finish_wandb_run(trainer, exit_code=1)
+        raise
+    finish_wandb_run(trainer, exit_code=0)
     # Whole weights to sample from: under FSDP every rank takes part in gathering them.
     model = inference_model(trainer, module)
     if trainer.is_global_zero:
