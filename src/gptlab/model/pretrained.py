@@ -29,6 +29,24 @@ GPT2_FIXED = {
     "scale_attn_weights": True,
     "scale_attn_by_inverse_layer_idx": False,
 }
+# GPT-2's tensor names (without the `transformer.` prefix) and GPTModel's: this one table reads
+# GPT-2 weights here and writes them in gptlab.export.
+GPT2_NAMES = {
+    "wte.weight": "tok_emb.weight",
+    "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "final_norm.weight",
+    "ln_f.bias": "final_norm.bias",
+}
+# Inside block `h.<i>.` (GPTModel: `trf_blocks.<i>.`), for both `.weight` and `.bias`.
+GPT2_BLOCK_NORMS = {"ln_1": "norm1", "ln_2": "norm2"}
+GPT2_BLOCK_CONV1D = {
+    "attn.c_proj": "att.out_proj",
+    "mlp.c_fc": "ff.layers.0",
+    "mlp.c_proj": "ff.layers.2",
+}
+# `attn.c_attn` is one Conv1D for queries, keys and values, stacked in this order.
+GPT2_FUSED_QKV = "attn.c_attn"
+GPTMODEL_QKV = ("att.W_query", "att.W_key", "att.W_value")
 
 
 def resolve_weights(source: str, key: str = "pretrained") -> Path:
@@ -136,30 +154,28 @@ def gpt2_config(state: dict[str, torch.Tensor], folder: Path) -> GPTConfig:
     )
 
 
+def conv1d_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """A Conv1D weight, stored (in, out), as nn.Linear's (out, in), or back: a transpose is its
+    own inverse. Biases are the same in both."""
+    return tensor.t() if tensor.ndim == 2 else tensor
+
+
 def to_gptmodel_names(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """GPTModel's state dict from GPT-2's: split c_attn, transpose Conv1D, fill the head."""
-    linear = {"weight": lambda w: w.t(), "bias": lambda b: b}  # Conv1D stores (in, out)
-    state = {
-        "tok_emb.weight": hf["wte.weight"],
-        "pos_emb.weight": hf["wpe.weight"][: config.context_length],
-        "final_norm.weight": hf["ln_f.weight"],
-        "final_norm.bias": hf["ln_f.bias"],
-        # save_pretrained drops the tied head; older files repeat the embedding.
-        "out_head.weight": hf.get("lm_head.weight", hf["wte.weight"]),
-    }
+    state = {ours: hf[name] for name, ours in GPT2_NAMES.items()}
+    state["pos_emb.weight"] = state["pos_emb.weight"][: config.context_length]
+    # save_pretrained drops the tied head; older files repeat the embedding.
+    state["out_head.weight"] = hf.get("lm_head.weight", hf["wte.weight"])
     for i in range(config.n_layers):
         h, ours = f"h.{i}.", f"trf_blocks.{i}."
         for part in ("weight", "bias"):
-            state[f"{ours}norm1.{part}"] = hf[f"{h}ln_1.{part}"]
-            state[f"{ours}norm2.{part}"] = hf[f"{h}ln_2.{part}"]
-            convert = linear[part]
-            query, key, value = convert(hf[f"{h}attn.c_attn.{part}"]).chunk(3, dim=0)
-            state[f"{ours}att.W_query.{part}"] = query
-            state[f"{ours}att.W_key.{part}"] = key
-            state[f"{ours}att.W_value.{part}"] = value
-            state[f"{ours}att.out_proj.{part}"] = convert(hf[f"{h}attn.c_proj.{part}"])
-            state[f"{ours}ff.layers.0.{part}"] = convert(hf[f"{h}mlp.c_fc.{part}"])
-            state[f"{ours}ff.layers.2.{part}"] = convert(hf[f"{h}mlp.c_proj.{part}"])
+            for name, our_name in GPT2_BLOCK_NORMS.items():
+                state[f"{ours}{our_name}.{part}"] = hf[f"{h}{name}.{part}"]
+            for name, our_name in GPT2_BLOCK_CONV1D.items():
+                state[f"{ours}{our_name}.{part}"] = conv1d_layout(hf[f"{h}{name}.{part}"])
+            fused = conv1d_layout(hf[f"{h}{GPT2_FUSED_QKV}.{part}"]).chunk(3, dim=0)
+            for our_name, tensor in zip(GPTMODEL_QKV, fused, strict=True):
+                state[f"{ours}{our_name}.{part}"] = tensor
     return {name: tensor.float().contiguous() for name, tensor in state.items()}
 
 

@@ -1,0 +1,2 @@
+"""Trained models in other formats: a checkpoint as a Hugging Face `transformers` folder.
+"""
