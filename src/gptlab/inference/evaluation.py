@@ -2,13 +2,16 @@
 
 The windows are `data.TokenWindows`, the ones training validates on, so a checkpoint's
 evaluated loss on its whole val split equals its logged `val/loss` on a single device with
-every val batch (`trainer.limit_val_batches=1.0`).
+every val batch (`trainer.limit_val_batches=1.0`). Continuations are scored as
+lm-evaluation-harness scores them (`continuation_logprob`), the reference for
+`inference.harness_model`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +92,78 @@ def score(model: nn.Module, windows: DataLoader, device: torch.device) -> Score:
         correct += int((logits.argmax(dim=-1) == targets).sum())
         tokens += targets.numel()
     return Score(loss_sum, correct, tokens)
+
+
+def encode_pair(
+    tokenizer: Tokenizer, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    """A context's and a continuation's ids, split as lm-evaluation-harness splits them.
+
+    Spaces that end the context move to the continuation, and the two are encoded together
+    and cut where the context's own ids end, so a BPE merge across the boundary belongs to the
+    continuation. An empty context is `<|endoftext|>`; a tokenizer without one (char) reads
+    the continuation's first token as the context, and that token is not scored.
+    """
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        ids = tokenizer.encode(continuation)
+        if tokenizer.eot_id is not None:
+            return [tokenizer.eot_id], ids
+        return ids[:1], ids[1:]
+    context_ids = tokenizer.encode(context)
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids) :]
+
+
+def scoring_windows(n_tokens: int, first: int, context_length: int) -> list[tuple[int, int, int]]:
+    """Forward passes that predict tokens `first` to `n_tokens - 1` of a sequence, each once,
+    each from at most `context_length` tokens.
+
+    `(start, stop, scored)` feeds tokens[start:stop] and keeps its last `scored` predictions,
+    those of tokens[stop - scored + 1 : stop + 1]. The targets go in chunks of
+    `context_length`; each chunk's window ends just before its last target and reaches back as
+    far as the context allows. A continuation that fits is thus scored after its context cut
+    from the left, and a long text in disjoint rolling windows: the harness's loglikelihood
+    and loglikelihood_rolling.
+    """
+    windows = []
+    for begin in range(first, n_tokens, context_length):
+        end = min(begin + context_length, n_tokens)
+        windows.append((max(0, end - 1 - context_length), end - 1, end - begin))
+    return windows
+
+
+@torch.inference_mode()
+def continuation_logprob(
+    model: nn.Module, tokenizer: Tokenizer, context: str, continuation: str
+) -> float:
+    """log p(continuation | context), summed over the continuation's tokens, one sequence at a
+    time: the plain reference for the batched harness model (`inference.harness_model`)."""
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+    ids = torch.tensor(context_ids + continuation_ids, device=next(model.parameters()).device)
+    total = 0.0
+    for start, stop, scored in scoring_windows(
+        len(ids), len(context_ids), model.config.context_length
+    ):
+        logprobs = model(ids[None, start:stop])[0, -scored:].float().log_softmax(dim=-1)
+        targets = ids[stop - scored + 1 : stop + 1, None]
+        total += logprobs.gather(-1, targets).sum().item()
+    return total
+
+
+def multiple_choice_accuracy(
+    model: nn.Module, tokenizer: Tokenizer, items: Iterable[tuple[str, Sequence[str], int]]
+) -> float:
+    """The fraction of items whose gold continuation is the most likely one: a multiple-choice
+    task's `acc` in lm-evaluation-harness. An item is (context, continuations, gold index)."""
+    model.eval()
+    correct = total = 0
+    for context, continuations, gold in items:
+        scores = [continuation_logprob(model, tokenizer, context, c) for c in continuations]
+        correct += scores.index(max(scores)) == gold
+        total += 1
+    return correct / total
 
 
 def shown(text: str, width: int) -> str:
@@ -178,7 +253,8 @@ def check_evaluate_config(cfg: DictConfig) -> LoaderSettings | None:
     if bool(cfg.text_file) == has_data:
         raise ConfigError(
             "Give exactly one text to score: text_file=<path> or data=<config> "
-            f"(e.g. data=verdict split=val); got text_file={cfg.text_file!r} and "
+            "(e.g. data=verdict split=val), or lm-evaluation-harness tasks instead "
+            f"(tasks=hellaswag); got text_file={cfg.text_file!r} and "
             f"data={'set' if has_data else 'not set'}."
         )
     if cfg.show_tokens < 0:
