@@ -26,6 +26,7 @@ ALLOWED_IMPORTS = {
     "training": {"model", "data", "inference"},
     "inference": {"model", "data", "training"},
     "sweeps": {"training"},
+    "export": {"model", "data", "training", "inference"},
 }
 
 

@@ -297,7 +297,13 @@ def generate_task(cfg: DictConfig) -> None:
 
 
 def evaluate_task(cfg: DictConfig) -> None:
-    """Loss, perplexity and next-token accuracy of a model on a text file or a data split."""
+    """Loss, perplexity and next-token accuracy of a model on a text file or a data split, or
+    lm-evaluation-harness tasks (`tasks=`)."""
+    if cfg.get("tasks") is not None:
+        from gptlab.inference.harness import evaluate_tasks
+
+        evaluate_tasks(cfg)
+        return
     from gptlab.inference.evaluation import evaluate
 
     evaluate(cfg)
@@ -320,6 +326,15 @@ def prepare_task(cfg: DictConfig) -> None:
     print(f"Train on them: python scripts/train.py data=prepared data.dir={out_dir}")
 
 
+def export_task(cfg: DictConfig) -> None:
+    """Write a checkpoint as a Hugging Face folder: GPT2LMHeadModel weights and config, the
+    tokenizer and a model card, which transformers loads offline."""
+    from gptlab.export.huggingface import export_checkpoint
+
+    out = export_checkpoint(cfg.ckpt, cfg.out, cfg.paths.log_dir)
+    print(f"Wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+
+
 def bench_task(cfg: DictConfig) -> None:
     """Time gptlab's Lightning training step against a plain PyTorch loop."""
     from gptlab.training.benchmark import benchmark_from_config
@@ -334,6 +349,7 @@ generate = hydra_command("generate", generate_task)
 evaluate = hydra_command("evaluate", evaluate_task)
 prepare = hydra_command("prepare", prepare_task, owns_run_dir=True)
 bench = hydra_command("bench", bench_task, owns_run_dir=True)
+export = hydra_command("export", export_task)
 
 
 @exit_on_reported_error
