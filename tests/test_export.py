@@ -17,7 +17,13 @@ from safetensors import safe_open
 
 from conftest import TINY_RUN, needs_tiktoken, run_script
 from gptlab.errors import ConfigError, StorageError
-from gptlab.export.huggingface import check_exportable, export_checkpoint
+from gptlab.export.huggingface import (
+    LLAMA,
+    QWEN3,
+    Architecture,
+    check_exportable,
+    export_checkpoint,
+)
 from gptlab.export.tokenizer import write_tokenizer
 from gptlab.inference.generation import generate
 from gptlab.inference.loading import load_checkpoint
@@ -53,26 +59,32 @@ TRICKY_TEXTS = [
     "x" * 300,
     "",
 ]
+# The recipes LlamaForCausalLM computes, and Qwen3ForCausalLM with qk_norm.
+LLAMA_RECIPE = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+QWEN3_RECIPE = {**LLAMA_RECIPE, "qk_norm": True}
+# The speedrun's recipe (conf/recipe/modern.yaml): Qwen3's but for the MLP and the logits.
+MODERN_RECIPE = {**QWEN3_RECIPE, "mlp": "relu2", "logit_softcap": 30.0, "zero_init_proj": True}
 
 
-def saved_checkpoint(folder: Path, tokenizer: dict, **model) -> Path:
-    """A checkpoint of a model with every weight random and O(1), so a wrong mapping shows."""
+def saved_checkpoint(folder: Path, tokenizer: dict, std: float = 0.3, **model) -> Path:
+    """A checkpoint of a model with every weight random and O(1) (normal, `std`), so a wrong
+    mapping shows."""
     sizes = {"context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
     module = GPTLightningModule({**sizes, **model}, {"lr": 1e-3}, tokenizer)
     torch.manual_seed(0)
     with torch.no_grad():
         for parameter in module.parameters():
-            parameter.normal_(0.0, 0.3)
+            parameter.normal_(0.0, std)
     path = folder / "model.ckpt"
     saved = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     torch.save({**saved, "global_step": 7}, path)
     return path
 
 
-def char_checkpoint(folder: Path, **model) -> Path:
+def char_checkpoint(folder: Path, std: float = 0.3, **model) -> Path:
     chars = "".join(sorted(set(CHARS)))
     return saved_checkpoint(
-        folder, {"name": "char", "chars": chars}, vocab_size=len(chars), **model
+        folder, {"name": "char", "chars": chars}, std, vocab_size=len(chars), **model
     )
 
 
@@ -115,6 +127,43 @@ def test_gpt2lmheadmodel_gives_gptlabs_logits(tmp_path: Path, layout: dict) -> N
     assert (logits_of(load_gpt2(str(out)), ids) - expected).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("architecture", "layout"),
+    [
+        (LLAMA, {"tie_weights": True, "rope_base": 500.0}),
+        (LLAMA, {"tie_weights": False, "pad_vocab_multiple": 8, "mlp_hidden": 24}),
+        (QWEN3, {"tie_weights": True, "pad_vocab_multiple": 8, "drop_rate": 0.1}),
+        (QWEN3, {"tie_weights": False, "rope_base": 500.0, "zero_init_proj": True}),
+    ],
+    ids=["llama-tied", "llama-untied-padded", "qwen3-tied-padded", "qwen3-untied"],
+)
+def test_llama_and_qwen3_give_gptlabs_logits(
+    tmp_path: Path, architecture: Architecture, layout: dict
+) -> None:
+    recipe = QWEN3_RECIPE if architecture is QWEN3 else LLAMA_RECIPE
+    ckpt = char_checkpoint(tmp_path, **recipe, **layout)
+    out = export_checkpoint(str(ckpt), str(tmp_path / "hf"), tmp_path)
+    assert {p.name for p in out.iterdir()} == EXPORTED_FILES
+    ours = load_checkpoint(ckpt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == architecture.model_class
+    config = ours.config
+    assert hf.config.vocab_size == config.vocab_size, "padded rows are not tokens"
+    assert hf.config.max_position_embeddings == config.context_length
+    assert hf.config.tie_word_embeddings == config.tie_weights
+    assert hf.config.intermediate_size == config.mlp_width
+    assert hf.config.rope_parameters["rope_theta"] == config.rope_base
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        saved = set(weights.keys())
+    assert ("lm_head.weight" in saved) == (not config.tie_weights)
+    assert ("model.layers.0.self_attn.q_norm.weight" in saved) == config.qk_norm
+    ids = ours.tokenizer.encode(CHARS[: config.context_length])
+    assert (logits_of(hf, ids) - logits_of(ours.model, ids)).abs().max() < 1e-5
+    card = (out / "README.md").read_text()
+    assert f"as a `{architecture.model_class}`" in card
+    assert f"- {architecture.model_type}\n" in card
+
+
 @needs_tiktoken
 def test_gpt2_bpe_gives_tiktokens_ids(tmp_path: Path) -> None:
     import pydoc_data.topics
@@ -148,10 +197,20 @@ def test_char_tokenizer_gives_gptlabs_ids(tmp_path: Path) -> None:
         exported("q")
 
 
-@pytest.mark.parametrize("tokenizer", ["char", pytest.param("gpt2", marks=needs_tiktoken)])
-def test_pipeline_greedy_text_is_gptlabs(tmp_path: Path, tokenizer: str) -> None:
+@pytest.mark.parametrize(
+    ("tokenizer", "recipe"),
+    [
+        ("char", {}),
+        pytest.param("gpt2", {}, marks=needs_tiktoken),
+        ("char", LLAMA_RECIPE),
+        ("char", QWEN3_RECIPE),
+    ],
+    ids=["char", "gpt2", "char-llama", "char-qwen3"],
+)
+def test_pipeline_greedy_text_is_gptlabs(tmp_path: Path, tokenizer: str, recipe: dict) -> None:
     if tokenizer == "char":
-        ckpt = char_checkpoint(tmp_path, context_length=32)
+        # Weights of std 1: at 0.3, the RMSNorm models repeat one token.
+        ckpt = char_checkpoint(tmp_path, std=1.0, context_length=32, **recipe)
     else:
         ckpt = saved_checkpoint(tmp_path, {"name": "gpt2"}, vocab_size=50257, tie_weights=True)
     out = export_checkpoint(str(ckpt), str(tmp_path / "hf"), tmp_path)
@@ -221,19 +280,49 @@ def test_model_card_says_how_it_was_trained_and_runs_as_written(
     assert printed.startswith(prompt) and len(printed) == len(prompt) + int(new_tokens) + 1
 
 
-def test_settings_gpt2_lacks_are_named(tmp_path: Path) -> None:
-    sizes = {"vocab_size": 5, "context_length": 4, "emb_dim": 8, "n_heads": 2, "n_layers": 1}
-    bigram = GPTConfig(**sizes, arch="bigram")
-    with pytest.raises(ConfigError, match=r"'run.ckpt' has model.arch='bigram' \(GPT-2: 'gpt'\)"):
-        check_exportable(bigram, "run.ckpt")
+SIZES = {"vocab_size": 5, "context_length": 4, "emb_dim": 8, "n_heads": 2, "n_layers": 1}
 
+
+def test_recipes_pick_their_architecture() -> None:
+    assert check_exportable(GPTConfig(**SIZES, **LLAMA_RECIPE), "run.ckpt") is LLAMA
+    assert check_exportable(GPTConfig(**SIZES, **QWEN3_RECIPE), "run.ckpt") is QWEN3
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        ({"arch": "bigram"}, ["model.arch='bigram' (GPT-2: 'gpt')"]),
+        ({**LLAMA_RECIPE, "mlp": "relu2"}, ["model.mlp='relu2' (Llama: 'swiglu')"]),
+        ({**LLAMA_RECIPE, "logit_softcap": 30.0}, ["model.logit_softcap=30.0 (Llama: None)"]),
+        ({**LLAMA_RECIPE, "norm": "layernorm"}, ["model.norm='layernorm' (Llama: 'rmsnorm')"]),
+        ({**LLAMA_RECIPE, "qkv_bias": True}, ["model.qkv_bias=True (Llama: False)"]),
+        ({"pos_emb": "rope"}, ["model.pos_emb='rope' (GPT-2: 'learned')"]),
+        ({"qk_norm": True}, ["model.qk_norm=True (GPT-2: False)"]),
+        (
+            MODERN_RECIPE,
+            ["model.mlp='relu2' (Qwen3: 'swiglu')", "model.logit_softcap=30.0 (Qwen3: None)"],
+        ),
+    ],
+    ids=["bigram", "relu2", "softcap", "rope-layernorm", "qkv_bias", "rope", "qk_norm", "modern"],
+)
+def test_settings_no_architecture_has_are_named(model: dict, named: list[str]) -> None:
+    with pytest.raises(ConfigError) as raised:
+        check_exportable(GPTConfig(**SIZES, **model), "run.ckpt")
+    message = str(raised.value)
+    assert f"'run.ckpt' has {', '.join(named)}, which" in message
+    assert "LlamaForCausalLM (pos_emb=rope, norm=rmsnorm, mlp=swiglu, bias=false" in message
+
+
+def test_a_new_switch_is_refused_until_mapped() -> None:
     @dataclasses.dataclass
     class ConfigWithASwitch(GPTConfig):
         a_new_switch: bool = False
 
-    check_exportable(ConfigWithASwitch(**sizes), "run.ckpt")
+    check_exportable(ConfigWithASwitch(**SIZES), "run.ckpt")
     with pytest.raises(ConfigError, match=r"model.a_new_switch=True \(GPT-2: False\)"):
-        check_exportable(ConfigWithASwitch(**sizes, a_new_switch=True), "run.ckpt")
+        check_exportable(ConfigWithASwitch(**SIZES, a_new_switch=True), "run.ckpt")
+    with pytest.raises(ConfigError, match=r"model.a_new_switch=True \(Llama: False\)"):
+        check_exportable(ConfigWithASwitch(**SIZES, **LLAMA_RECIPE, a_new_switch=True), "run.ckpt")
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -274,7 +363,11 @@ BAD_INPUTS = {
     ),
     "bigram": (
         lambda d: (bigram_checkpoint(d), d / "hf"),
-        lambda d: ["model.arch='bigram' (GPT-2: 'gpt')", "classic GPT-2 architecture only"],
+        lambda d: ["model.arch='bigram' (GPT-2: 'gpt')", "the nearest architecture"],
+    ),
+    "modern": (
+        lambda d: (char_checkpoint(d, **MODERN_RECIPE), d / "hf"),
+        lambda d: ["model.mlp='relu2' (Qwen3: 'swiglu')", "Qwen3ForCausalLM (pos_emb=rope"],
     ),
     "no-transformers": (
         lambda d: (char_checkpoint(d), d / "hf"),

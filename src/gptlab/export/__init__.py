@@ -1,2 +1,1 @@
-"""Trained models in other formats: a checkpoint as a Hugging Face `transformers` folder.
-"""
+"""Trained models in other formats: a checkpoint as a Hugging Face `transformers` folder."""

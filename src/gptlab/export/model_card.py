@@ -20,30 +20,37 @@ from gptlab.training.records import RUN_RECORD, read_run_record
 MODEL_CARD_FILE = "README.md"
 EXAMPLE_PROMPT = "Every effort moves you"
 EXAMPLE_NEW_TOKENS = 50
-# Hugging Face's metadata header: the library that loads it and the task.
+# Hugging Face's metadata header: the library that loads it, the task and tags (the last one
+# the transformers model type).
 FRONT_MATTER = """---
 library_name: transformers
 pipeline_tag: text-generation
 tags:
 - gptlab
-- gpt2
+- {model_type}
 ---
 """
 
 
 def model_card(
-    ckpt: Path, hparams: Mapping[str, Any], tokenizer: Tokenizer, n_parameters: int, folder: str
+    ckpt: Path,
+    hparams: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    n_parameters: int,
+    folder: str,
+    model_class: str,
+    model_type: str,
 ) -> str:
     """The card of checkpoint `ckpt` (`hparams`: its hyperparameters, `tokenizer`: the one
-    they describe), exported to `folder`."""
+    they describe), exported to `folder` as transformers' `model_class` (of `model_type`)."""
     saved = read_checkpoint(ckpt, f"ckpt={str(ckpt)!r}", "export another checkpoint of its run.")
     model = dict(hparams["model"])
     prompt, max_new_tokens = example_prompt(tokenizer, model["context_length"])
     lines = [
-        FRONT_MATTER,
+        FRONT_MATTER.format(model_type=model_type),
         f"# {Path(folder).name}\n",
-        f"A GPT-2 language model ({n_parameters:,} parameters) trained from scratch with gptlab "
-        f"and exported from `{ckpt}` by `gptlab-export` as a `GPT2LMHeadModel`.\n",
+        f"A GPT language model ({n_parameters:,} parameters) trained from scratch with gptlab "
+        f"and exported from `{ckpt}` by `gptlab-export` as a `{model_class}`.\n",
         "## Training config\n",
         "```yaml",
         OmegaConf.to_yaml(training_config(saved, model, tokenizer, hparams["optimizer"])).strip(),
@@ -125,8 +132,8 @@ def example_prompt(tokenizer: Tokenizer, context_length: int) -> tuple[str, int]
 def tokenizer_note(tokenizer: Tokenizer, context_length: int) -> str:
     """What the tokenizer accepts, which differs between gptlab's two."""
     context = (
-        f"The model reads at most {context_length} tokens (n_positions): keep the prompt and "
-        f"max_new_tokens within them."
+        f"The model reads at most {context_length} tokens, its training context: keep the "
+        f"prompt and max_new_tokens within them."
     )
     if isinstance(tokenizer, CharTokenizer):
         return (
