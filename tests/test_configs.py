@@ -29,6 +29,7 @@ from gptlab.training.settings import resolve_precision
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith("_"))
 DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if not p.stem.startswith("_"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
 
 
 @needs_tiktoken
@@ -49,6 +50,23 @@ def test_data_configs_hold_corpus_and_loader_keys_only(compose_train_config, dat
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_validate(compose_train_config, experiment: str) -> None:
     validate(compose_train_config(f"experiment={experiment}"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_sets_its_switches_on_the_classic_model(compose_train_config, recipe: str):
+    classic = compose_train_config("experiment=shakespeare_char_cpu")
+    cfg = compose_train_config("experiment=shakespeare_char_cpu", f"recipe={recipe}")
+    validate(cfg)
+    changed = {
+        f"{group}.{key}"
+        for group in ("model", "optimizer")
+        for key in cfg[group]
+        if cfg[group][key] != classic[group].get(key)
+    }
+    # The experiment's own settings (width, schedule) survive every recipe.
+    assert cfg.model.emb_dim == 128 and cfg.optimizer.schedule == "cosine"
+    assert bool(changed) == (recipe != "classic"), changed
+    assert not {key for key in changed if key.split(".")[1] in ("emb_dim", "lr", "schedule")}
 
 
 @pytest.mark.parametrize("model", MODELS)
