@@ -92,7 +92,7 @@ def test_validation_interval_counts_optimizer_steps_under_accumulation(tmp_path:
 
 @pytest.mark.parametrize(
     ("max_steps", "interval", "validated"),
-    [(7, 5, [0, 5, 7]), (3, 250, [0, 3]), (12, "auto", [0, 12])],
+    [(7, 5, [0, 5, 7]), (3, 250, [0, 3]), (12, "auto", [0, 2, 4, 6, 8, 10, 12])],
 )
 def test_any_run_length_ends_with_a_validation(
     tmp_path: Path, max_steps: int, interval: int | str, validated: list[int]
