@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -23,11 +22,6 @@ CONF_DIR = REPO_ROOT / "conf"
 SHARED_DIR = REPO_ROOT.parent / "shared"
 TIKTOKEN_CACHE = SHARED_DIR / "tiktoken-cache"
 SHARED_DATA = SHARED_DIR / "data"
-
-# One torch thread per process: the tests' models are tiny, and the multi-process tests and
-# the scripts they start would otherwise put several spinning thread pools on each core.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Nothing may reach the network: tiktoken and corpora come from ../shared when it exists.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
