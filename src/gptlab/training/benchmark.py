@@ -10,7 +10,6 @@ so drift in a shared machine's speed hits both alike.
 from __future__ import annotations
 
 import platform
-import resource
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gptlab.checks import check_count
 from gptlab.model.gpt import GPTConfig, build_model
 from gptlab.model.tokenizers import CharTokenizer
+from gptlab.training.cost import peak_memory_bytes
 from gptlab.training.flops import peak_flops, training_flops_per_batch
 from gptlab.training.module import GPTLightningModule, model_loss
 from gptlab.training.monitor import TrainingMonitor, compute_dtype, synchronized_clock
@@ -222,7 +222,7 @@ def report(
     overhead = medians["lightning"] / medians["plain"] - 1
     lines.append(f"Lightning overhead: {overhead:+.1%} ms/step over the plain loop")
     if device.type == "cpu":
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        peak_rss = peak_memory_bytes() / 2**20
         lines.append(
             f"Process peak RSS: {peak_rss:,.0f} MiB (both variants; CPU has no per-phase peak)"
         )
