@@ -25,6 +25,8 @@ from gptlab.schema import check_fields
 SCHEDULES = ("constant", "cosine")
 # Lightning's precision whose GradScaler unscales fused AdamW's gradients inside its step.
 SCALED_PRECISION = "16-mixed"
+# Devices whose fused AdamW kernel `fused: auto` takes.
+FUSED_DEVICES = ("cuda", "cpu")
 # Strategies that shard parameters across processes (matched on the strategy's name or its
 # class's, lowercased): Muon's Newton-Schulz iteration needs each matrix whole.
 SHARDING_STRATEGIES = ("fsdp", "modelparallel", "deepspeed")
@@ -45,8 +47,8 @@ class OptimizerSettings:
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
-    # auto: the fused CUDA kernel where it is legal (not under 16-mixed with clipping). Under
-    # muon, for the AdamW part (Muon has no fused kernel).
+    # auto: torch's fused kernel on CUDA and CPUs where it is legal (not under 16-mixed with
+    # clipping). Under muon, for the AdamW part (Muon has no fused kernel).
     fused: bool | Literal["auto"] = "auto"
     # Muon's own settings (name=muon). Its learning rate is scaled by the same schedule as lr,
     # decaying to muon_lr x min_lr / lr.
@@ -171,7 +173,8 @@ class OptimizerSettings:
     def use_fused(self, device_type: str, precision: str, clipping: bool) -> bool:
         """Whether AdamW runs as one fused kernel (`check_fused` has refused what cannot)."""
         if self.fused == "auto":
-            return device_type == "cuda" and not scaled_clipping(precision, clipping)
+            # On a CPU torch's own default is the per-tensor loop, three times the fused time.
+            return device_type in FUSED_DEVICES and not scaled_clipping(precision, clipping)
         return bool(self.fused)
 
     def check_fused(self, precision: str, clipping: bool) -> None:
