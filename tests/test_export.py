@@ -101,8 +101,9 @@ def logits_of(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         {"tie_weights": False, "qkv_bias": True},
         {"tie_weights": True, "qkv_bias": True, "pad_vocab_multiple": 8},
         {"tie_weights": False, "qkv_bias": False, "pad_vocab_multiple": 8, "drop_rate": 0.1},
+        {"tie_weights": False, "qkv_bias": False, "gelu_approximate": "none"},
     ],
-    ids=["tied", "untied-qkv_bias", "tied-padded", "untied-padded-dropout"],
+    ids=["tied", "untied-qkv_bias", "tied-padded", "untied-padded-dropout", "exact-gelu"],
 )
 def test_gpt2lmheadmodel_gives_gptlabs_logits(tmp_path: Path, layout: dict) -> None:
     ckpt = char_checkpoint(tmp_path, **layout)

@@ -43,6 +43,7 @@ SWITCHES = {
     "rope": {"pos_emb": "rope"},
     "rmsnorm": {"norm": "rmsnorm"},
     "qk_norm": {"qk_norm": True},
+    "exact_gelu": {"gelu_approximate": "none"},
     "relu2": {"mlp": "relu2"},
     "swiglu": {"mlp": "swiglu"},
     "mlp_hidden": {"mlp": "swiglu", "mlp_hidden": 40},
@@ -68,6 +69,7 @@ NEW_KEYS = (
     "norm",
     "qk_norm",
     "mlp",
+    "gelu_approximate",
     "mlp_hidden",
     "bias",
     "logit_softcap",
@@ -253,17 +255,25 @@ def test_swiglu_width_is_the_nearest_multiple_of_8_to_two_thirds_of_gpt2s(emb_di
 
 
 @pytest.mark.parametrize(
-    ("mlp", "formula"),
+    ("settings", "formula"),
     [
-        ("gelu", lambda h: torch.nn.functional.gelu(h, approximate="tanh")),
-        ("relu2", lambda h: torch.relu(h) ** 2),
-        ("swiglu", lambda h: torch.nn.functional.silu(h[..., :40]) * h[..., 40:]),
+        (
+            {"mlp": "gelu"},
+            lambda h: 0.5 * h * (1 + torch.tanh(0.7978845608 * (h + 0.044715 * h**3))),
+        ),
+        (
+            {"mlp": "gelu", "gelu_approximate": "none"},
+            lambda h: 0.5 * h * (1 + torch.erf(h / 2**0.5)),
+        ),
+        ({"mlp": "relu2"}, lambda h: torch.relu(h) ** 2),
+        ({"mlp": "swiglu"}, lambda h: torch.nn.functional.silu(h[..., :40]) * h[..., 40:]),
     ],
+    ids=["gelu", "exact_gelu", "relu2", "swiglu"],
 )
-def test_each_mlp_computes_its_formula(mlp: str, formula) -> None:
+def test_each_mlp_computes_its_formula(settings: dict, formula) -> None:
     """With mlp_hidden=40: swiglu's up-projection is 80 wide, gate first, then value."""
     torch.manual_seed(0)
-    ff = GPTModel(config(mlp=mlp, mlp_hidden=40)).trf_blocks[0].ff
+    ff = GPTModel(config(**settings, mlp_hidden=40)).trf_blocks[0].ff
     up, down = ff.layers[0], ff.layers[2]
     x = torch.randn(2, 5, SIZES["emb_dim"])
     with torch.no_grad():
@@ -433,6 +443,7 @@ def test_compiled_loss_equals_eager_with_every_switch() -> None:
         ({"pos_emb": "alibi"}, r"model.pos_emb='alibi' is unknown: use 'learned' or 'rope'"),
         ({"norm": "batchnorm"}, r"model.norm='batchnorm' is unknown: use 'layernorm' or"),
         ({"mlp": "geglu"}, r"model.mlp='geglu' is unknown: use 'gelu', 'relu2' or 'swiglu'"),
+        ({"gelu_approximate": "erf"}, r"model.gelu_approximate='erf' is unknown: use 'tanh' or"),
         ({"qk_norm": "yes"}, r"model.qk_norm='yes' must be true or false"),
         ({"bias": 1}, r"model.bias=1 must be true or false"),
         ({"zero_init_proj": None}, r"model.zero_init_proj=None must be true or false"),

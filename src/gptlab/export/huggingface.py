@@ -95,7 +95,7 @@ GPT2 = Architecture(
     "GPT2Config",
     "gpt2",
     {},
-    (*SIZE_FIELDS, *LAYOUT_FIELDS, "qkv_bias", *TRAINING_ONLY_FIELDS),
+    (*SIZE_FIELDS, *LAYOUT_FIELDS, "qkv_bias", "gelu_approximate", *TRAINING_ONLY_FIELDS),
 )
 # Llama: RoPE with halves rotated (GPTModel's `rotate`, HF's `rotate_half`), RMSNorm, SwiGLU
 # and no biases.
@@ -107,7 +107,15 @@ LLAMA_RECIPE = {
     "qkv_bias": False,
     "qk_norm": False,
 }
-LLAMA_FIELDS = (*SIZE_FIELDS, *LAYOUT_FIELDS, "rope_base", "mlp_hidden", *TRAINING_ONLY_FIELDS)
+# gelu_approximate only acts under mlp=gelu, which neither has.
+LLAMA_FIELDS = (
+    *SIZE_FIELDS,
+    *LAYOUT_FIELDS,
+    "rope_base",
+    "mlp_hidden",
+    "gelu_approximate",
+    *TRAINING_ONLY_FIELDS,
+)
 LLAMA = Architecture(
     "Llama", "LlamaForCausalLM", "LlamaConfig", "llama", LLAMA_RECIPE, LLAMA_FIELDS
 )
@@ -122,8 +130,8 @@ QWEN3 = Architecture(
 )
 # In order of preference where a config misses them all by as many settings.
 ARCHITECTURES = (GPT2, LLAMA, QWEN3)
-# PyTorch's tanh-approximated GELU, the kernel GPTModel's FeedForward runs.
-GPT2_ACTIVATION = "gelu_pytorch_tanh"
+# transformers' names for the GELU GPTModel's FeedForward runs, by `gelu_approximate`.
+GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
 # Llama's and Qwen3's tensor names and GPTModel's, all without bias; the head and embedding
 # lose the padded vocabulary rows.
 LLAMA_NAMES = {
@@ -242,7 +250,7 @@ def gpt2_config_for(config: GPTConfig, eot_id: int | None) -> transformers.GPT2C
         n_embd=config.emb_dim,
         n_layer=config.n_layers,
         n_head=config.n_heads,
-        activation_function=GPT2_ACTIVATION,
+        activation_function=GPT2_ACTIVATIONS[config.gelu_approximate],
         resid_pdrop=config.drop_rate,
         embd_pdrop=config.drop_rate,
         attn_pdrop=config.drop_rate,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -26,6 +25,8 @@ from gptlab.errors import ConfigError
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2", "swiglu")
+# torch's `approximate` argument of the GELU: GPT-2's tanh form, or the exact erf form.
+GELU_APPROXIMATIONS = ("tanh", "none")
 # GPT-2's layer_norm_epsilon, for RMSNorm too (torch's default there, the dtype's machine
 # epsilon, is 8e-3 in bf16).
 NORM_EPS = 1e-5
@@ -65,6 +66,9 @@ class GPTConfig:
     # "gelu": GPT-2's tanh GELU; "relu2": ReLU squared (Primer, So et al. 2021; modded-nanogpt);
     # "swiglu": a SiLU-gated unit (Shazeer 2020; Llama).
     mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    # Under mlp=gelu: "tanh", GPT-2's approximation (its weights need it), or "none", the exact
+    # erf GELU of nanoGPT's nn.GELU(), whose CPU kernel takes half the time.
+    gelu_approximate: Literal["tanh", "none"] = "tanh"
     mlp_hidden: int | None = None  # the MLP's hidden width; null: see `mlp_width`
     # Biases of the linear layers other than q/k/v (those follow qkv_bias) and of the norms.
     bias: bool = True
@@ -118,6 +122,7 @@ def check_config(values: dict[str, Any]) -> None:
     check_choice(values, "pos_emb", POS_EMBS)
     check_choice(values, "norm", NORMS)
     check_choice(values, "mlp", MLPS)
+    check_choice(values, "gelu_approximate", GELU_APPROXIMATIONS)
     for key in ("tie_weights", "qk_norm", "bias", "zero_init_proj"):
         if not isinstance(values[key], bool):
             raise ConfigError(f"model.{key}={values[key]!r} must be true or false.")
@@ -290,7 +295,10 @@ class SwiGLU(nn.Module):
         return F.silu(gate) * value
 
 
-ACTIVATIONS = {"gelu": partial(nn.GELU, approximate="tanh"), "relu2": ReLUSquared, "swiglu": SwiGLU}
+def build_activation(config: GPTConfig) -> nn.Module:
+    if config.mlp == "gelu":
+        return nn.GELU(approximate=config.gelu_approximate)
+    return ReLUSquared() if config.mlp == "relu2" else SwiGLU()
 
 
 class FeedForward(nn.Module):
@@ -306,7 +314,7 @@ class FeedForward(nn.Module):
         up_width = 2 * hidden if config.mlp == "swiglu" else hidden
         self.layers = nn.Sequential(
             nn.Linear(config.emb_dim, up_width, bias=config.bias),
-            ACTIVATIONS[config.mlp](),
+            build_activation(config),
             nn.Linear(hidden, config.emb_dim, bias=config.bias),
         )
 

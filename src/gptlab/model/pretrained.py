@@ -21,8 +21,13 @@ from gptlab.model.gpt import GPTConfig, GPTModel
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Every published GPT-2 size uses 64-dimensional heads; used when config.json is missing.
 GPT2_HEAD_DIM = 64
-# Activations equal to GPTModel's tanh-approximated GELU.
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# transformers' activations equal to GPTModel's GELU, by its `gelu_approximate`.
+GELUS = {
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+    "gelu": "none",
+}
 # GPT2Config settings that GPTModel implements only at GPT-2's own values.
 GPT2_FIXED = {
     "layer_norm_epsilon": 1e-5,
@@ -125,15 +130,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def gpt2_config(state: dict[str, torch.Tensor], folder: Path) -> GPTConfig:
     """Sizes from the tensors themselves; the head count from config.json when present."""
     n_heads = None
+    gelu_approximate = "tanh"
     config_file = folder / "config.json"
     if config_file.is_file():
         settings = json.loads(config_file.read_text())
         activation = settings.get("activation_function", "gelu_new")
-        if activation not in TANH_GELU:
+        if activation not in GELUS:
             raise ConfigError(
                 f"{config_file} uses activation_function={activation!r}; GPTModel implements "
-                f"GPT-2's tanh GELU ({', '.join(TANH_GELU)}) only."
+                f"the GELUs {', '.join(GELUS)} only."
             )
+        gelu_approximate = GELUS[activation]
         for key, value in GPT2_FIXED.items():
             if settings.get(key, value) != value:
                 raise ConfigError(
@@ -151,6 +158,7 @@ def gpt2_config(state: dict[str, torch.Tensor], folder: Path) -> GPTConfig:
         n_layers=len(layers),
         drop_rate=0.0,
         qkv_bias=True,
+        gelu_approximate=gelu_approximate,
     )
 
 

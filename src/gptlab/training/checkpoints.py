@@ -36,7 +36,8 @@ CHECKPOINT_SUFFIX = ".ckpt"
 # init_from crops, pads and ties them; how they were first drawn or are regularised, never.
 ARCHITECTURE_FIELDS = (
     *("arch", "vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias"),
-    *("pos_emb", "rope_base", "norm", "qk_norm", "mlp", "mlp_hidden", "bias", "logit_softcap"),
+    *("pos_emb", "rope_base", "norm", "qk_norm", "mlp", "gelu_approximate", "mlp_hidden"),
+    *("bias", "logit_softcap"),
 )
 LAYOUT_FIELDS = ("context_length", "tie_weights", "pad_vocab_multiple")
 TRAINING_ONLY_FIELDS = ("drop_rate", "init", "zero_init_proj")
