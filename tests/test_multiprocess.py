@@ -106,6 +106,8 @@ def test_two_processes_killed_and_resumed_train_as_one(
     untrained = curve(one_process, "val/loss")[0]
     assert abs(record["untrained_val_loss"] - untrained) <= TOLERANCE
 
+    if strategy != "fsdp":
+        return  # a DDP checkpoint is the module's own state dict; FSDP's is gathered from shards
     # The checkpoint is whole: one process samples from it and scores it without the strategy.
     generated = run_script("generate.py", f"ckpt={last}", "prompt=The", "max_new_tokens=5")
     assert generated.returncode == 0, generated.stderr[-3000:]
