@@ -165,7 +165,7 @@ def test_weight_decay_only_on_matrices() -> None:
     assert optimizer.defaults["fused"], "fused: auto takes torch's CPU kernel too"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW runs on CUDA only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_adamw_on_cuda() -> None:
     module = tiny_module().cuda()
     module.trainer = cpu_trainer(Path("."), max_steps=1)

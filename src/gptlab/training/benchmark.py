@@ -1,10 +1,10 @@
 """Training-step speed: gptlab's Lightning step against a plain PyTorch loop, interleaved.
 
 Both variants train the same model (same initial weights) on the same batches with the same
-precision, optimizer (AdamW groups, fused on CUDA), gradient clipping and schedule. A step
-is timed from the end of one optimizer step to the end of the next, so data fetching and
-everything Lightning does between steps count. Rounds alternate which variant goes first,
-so drift in a shared machine's speed hits both alike.
+precision, optimizer (AdamW groups, fused where `fused: auto` fuses), gradient clipping and
+schedule. A step is timed from the end of one optimizer step to the end of the next, so data
+fetching and everything Lightning does between steps count. Rounds alternate which variant
+goes first, so drift in a shared machine's speed hits both alike.
 """
 
 from __future__ import annotations
