@@ -24,7 +24,7 @@ from gptlab.training.checkpoints import (
     SavedRun,
 )
 from gptlab.training.run import build_trainer, validate
-from gptlab.training.settings import resolve_precision
+from gptlab.training.settings import ModelUse, resolve_precision
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith("_"))
 DATA = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if not p.stem.startswith("_"))
@@ -173,6 +173,14 @@ def test_a_callbacks_bad_setting_is_a_config_error_not_hydras(compose_train_conf
     cfg = compose_train_config("model=tiny", "trainer=cpu", "callbacks.checkpoint.every_n_steps=0")
     with pytest.raises(ConfigError, match=r"^callbacks.checkpoint.every_n_steps=0 must be"):
         build_trainer(cfg, validate(cfg)[0])
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "bigram"])
+def test_every_gpt_model_preset_holds_every_model_key(compose_train_config, model: str) -> None:
+    """README's `model.tie_weights=true` must work on every GPT preset: Hydra refuses to set
+    a key the composed preset lacks ("not in struct") unless it is written `+model.`."""
+    keys = {f.name for schema in (GPTConfig, ModelUse) for f in dataclasses.fields(schema)}
+    assert keys <= set(compose_train_config(f"model={model}").model)
 
 
 def test_every_model_field_says_whether_a_checkpoint_must_match_it() -> None:
