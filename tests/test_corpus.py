@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, needs_shared_data
+from conftest import SHARED_DATA, needs_shared_data, script_env
 from gptlab.data.corpus import CORPORA, CorpusSpec, DownloadableCorpus, fetch_corpus, sha256_of
 from gptlab.errors import ConfigError
 
@@ -24,6 +26,29 @@ def test_text_files_glob_loads_every_file(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text("second file")
     text = CorpusSpec(source="text_files", path=str(tmp_path / "*.txt")).text()
     assert text == "first file\nline two\n\n\nsecond file"
+
+
+def test_local_text_reads_as_the_prepared_path_reads_it(tmp_path: Path) -> None:
+    """Training reads local files itself; scripts/prepare_data.py streams them through
+    `datasets`: both must see the same text (a byte-order mark dropped, CRLF as LF)."""
+    (tmp_path / "a.txt").write_bytes("\ufeffBOM first\r\nthen CRLF\r\n".encode())
+    (tmp_path / "b.txt").write_bytes("naïve café\nno newline at the end".encode())
+    spec = CorpusSpec(source="text_files", path=str(tmp_path / "*.txt"))
+    assert spec.text() == "\n\n".join(spec.documents()["text"])
+    assert spec.text().startswith("BOM first\nthen CRLF\n\n\nnaïve")
+
+
+@pytest.mark.parametrize("source", ["pydocs", "text_files"])
+def test_a_corpus_held_in_memory_does_not_import_datasets(tmp_path: Path, source: str) -> None:
+    """`datasets` costs a second of start-up (its import and an Arrow copy) that a text read
+    into one string does not need."""
+    (tmp_path / "a.txt").write_text("some text")
+    code = (
+        "import sys; from gptlab.data.corpus import CorpusSpec; "
+        f"CorpusSpec(source={source!r}, path={str(tmp_path / 'a.txt')!r}).text(); "
+        "assert 'datasets' not in sys.modules, 'datasets was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=script_env())
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import datasets
 
 SOURCES = ("pydocs", "text_files", "hf", "download", "prepared")
+# utf-8-sig: a byte-order mark is a file's encoding marker, not a character of it.
+TEXT_ENCODING = "utf-8-sig"
 # Seconds to wait for the Hugging Face hub before saying it cannot be reached.
 HUB_TIMEOUT_S = 3.0
 
@@ -156,6 +158,13 @@ def check_utf8_chunks(path: str, chunk_size: int) -> None:
         )
 
 
+def read_text_file(path: str) -> str:
+    """A UTF-8 file's text, checked first so a bad byte is named."""
+    check_utf8(path)
+    with open(path, encoding=TEXT_ENCODING) as f:
+        return f.read()
+
+
 def load_pydocs() -> list[str]:
     """CPython's own topic documentation: English prose and code that every Python ships."""
     from pydoc_data.topics import topics
@@ -247,13 +256,12 @@ class CorpusSpec:
             files = self.files()
             for path in files:
                 check_utf8(path)
-            # utf-8-sig: a byte-order mark is a file's encoding marker, not a character of it.
             return datasets.load_dataset(
                 "text",
                 data_files=files,
                 sample_by="document",
                 split="train",
-                encoding="utf-8-sig",
+                encoding=TEXT_ENCODING,
                 keep_in_memory=keep_in_memory,
             )
         if self.source == "hf":
@@ -292,8 +300,15 @@ class CorpusSpec:
         return dataset.select_columns([self.text_column]).rename_column(self.text_column, "text")
 
     def text(self) -> str:
-        """The whole corpus as one string, documents separated by a blank line."""
-        text = "\n\n".join(self.documents()["text"])
+        """The whole corpus as one string, documents separated by a blank line. Local text is
+        read here, as `documents` reads it: `datasets` would add a second of start-up."""
+        if self.source == "pydocs":
+            documents = load_pydocs()
+        elif self.source in ("text_files", "download"):
+            documents = [read_text_file(path) for path in self.files()]
+        else:
+            documents = self.documents()["text"]
+        text = "\n\n".join(documents)
         if not text.strip():
             raise ConfigError(
                 f"The corpus from {self.describe()} is empty ({len(text)} characters): give it "
