@@ -59,10 +59,10 @@ def gradient_norm(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
     Under FSDP each rank holds a shard of every gradient: the norm of the shards is reduced
     over the ranks before any clipping, so every rank clips by the same, true global norm.
     """
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    norm = global_norm(torch.nn.utils.get_total_norm(grads))
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = global_norm(torch.nn.utils.get_total_norm([p.grad for p in params]))
     if not math.isinf(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(module.parameters(), max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
 
