@@ -52,21 +52,37 @@ def test_experiments_validate(compose_train_config, experiment: str) -> None:
     validate(compose_train_config(f"experiment={experiment}"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_each_recipe_sets_its_switches_on_the_classic_model(compose_train_config, recipe: str):
-    classic = compose_train_config("experiment=shakespeare_char_cpu")
-    cfg = compose_train_config("experiment=shakespeare_char_cpu", f"recipe={recipe}")
-    validate(cfg)
-    changed = {
+def changed_settings(cfg: DictConfig, baseline: DictConfig) -> set[str]:
+    """The model and optimizer keys whose values differ from the baseline's."""
+    return {
         f"{group}.{key}"
         for group in ("model", "optimizer")
         for key in cfg[group]
-        if cfg[group][key] != classic[group].get(key)
+        if cfg[group][key] != baseline[group].get(key)
     }
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_sets_its_switches_on_the_classic_model(compose_train_config, recipe: str):
+    classic = compose_train_config("experiment=shakespeare_char_cpu", "recipe=classic")
+    cfg = compose_train_config("experiment=shakespeare_char_cpu", f"recipe={recipe}")
+    validate(cfg)
+    changed = changed_settings(cfg, classic)
     # The experiment's own settings (width, schedule) survive every recipe.
     assert cfg.model.emb_dim == 128 and cfg.optimizer.schedule == "cosine"
     assert bool(changed) == (recipe != "classic"), changed
     assert not {key for key in changed if key.split(".")[1] in ("emb_dim", "lr", "schedule")}
+
+
+@pytest.mark.parametrize("experiment", ["shakespeare_char_cpu", "shakespeare_char"])
+def test_nanogpts_presets_are_gpt2_without_biases_as_nanogpt_trains(
+    compose_train_config, experiment: str
+) -> None:
+    """nanoGPT's train.py sets bias = False; recipe=classic is GPT-2 with its biases."""
+    preset = compose_train_config(f"experiment={experiment}")
+    classic = compose_train_config(f"experiment={experiment}", "recipe=classic")
+    assert changed_settings(preset, classic) == {"model.bias"}
+    assert preset.model.bias is False
 
 
 @pytest.mark.parametrize("model", MODELS)
