@@ -40,8 +40,8 @@ def test_local_text_reads_as_the_prepared_path_reads_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("source", ["pydocs", "text_files"])
 def test_a_corpus_held_in_memory_does_not_import_datasets(tmp_path: Path, source: str) -> None:
-    """`datasets` costs a second of start-up (its import and an Arrow copy) that a text read
-    into one string does not need."""
+    """`datasets` costs start-up (its import and an Arrow copy) that a text read into one
+    string does not need."""
     (tmp_path / "a.txt").write_text("some text")
     code = (
         "import sys; from gptlab.data.corpus import CorpusSpec; "

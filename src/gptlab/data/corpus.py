@@ -301,7 +301,8 @@ class CorpusSpec:
 
     def text(self) -> str:
         """The whole corpus as one string, documents separated by a blank line. Local text is
-        read here, as `documents` reads it: `datasets` would add a second of start-up."""
+        read here, as `documents` reads it: `datasets` would add its import and an Arrow copy
+        to the start of every run."""
         if self.source == "pydocs":
             documents = load_pydocs()
         elif self.source in ("text_files", "download"):

@@ -296,6 +296,7 @@ class SwiGLU(nn.Module):
 
 
 def build_activation(config: GPTConfig) -> nn.Module:
+    """The MLP's nonlinearity `config.mlp` names (swiglu's gate takes two halves of its input)."""
     if config.mlp == "gelu":
         return nn.GELU(approximate=config.gelu_approximate)
     return ReLUSquared() if config.mlp == "relu2" else SwiGLU()
