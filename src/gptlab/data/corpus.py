@@ -159,10 +159,13 @@ def check_utf8_chunks(path: str, chunk_size: int) -> None:
 
 
 def read_text_file(path: str) -> str:
-    """A UTF-8 file's text, checked first so a bad byte is named."""
-    check_utf8(path)
-    with open(path, encoding=TEXT_ENCODING) as f:
-        return f.read()
+    """A UTF-8 file's text, read once; a bad byte or an unreadable file is named."""
+    try:
+        with open(path, encoding=TEXT_ENCODING) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        check_utf8(path)
+        raise
 
 
 def load_pydocs() -> list[str]:
