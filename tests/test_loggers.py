@@ -26,6 +26,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import CONF_DIR, REPO_ROOT, TINY_RUN, job_dir, run_script, script_env
 from gptlab.errors import ConfigError
+from gptlab.training.loggers import ResumableMLFlowLogger
 from gptlab.training.records import RUN_RECORD
 from gptlab.training.run import run, validate
 
@@ -200,6 +201,67 @@ def test_wandb_runs_offline_into_the_run_folder_and_is_finished(
     tables = [json.loads(p.read_text()) for p in offline.glob("files/media/table/sample_*.json")]
     assert sorted(step for table in tables for step, _ in table["data"]) == VAL_STEPS
     assert all("Every effort moves you" in text for t in tables for _, text in t["data"])
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path) -> None:
+    """One MLflow run per run folder: resuming (here with more steps) logs into the run the
+    first start opened, where a second run of the same name would split its curves."""
+    run_dir, _ = train(tmp_path, "job", "logger=mlflow")
+    _, record = train(tmp_path, "job", "logger=mlflow", f"resume={run_dir}", "trainer.max_steps=6")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (found,) = mlflow.search_runs(experiment_names=["gptlab"]).to_dict("records")
+    assert found["status"] == "FINISHED"
+    assert found["metrics.summary/steps"] == record["steps"] == 6
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(found["run_id"], "val/loss")]
+    assert steps == [*VAL_STEPS, 6]
+    # MLflow keeps a parameter's first value: the resumed start's is not allowed to replace it.
+    assert found["params.trainer/max_steps"] == str(STEPS)
+
+
+def test_a_continued_mlflow_run_runs_again_and_keeps_its_first_parameters(
+    tmp_path: Path,
+) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = ResumableMLFlowLogger(experiment_name="gptlab", tracking_uri=uri)
+    first.log_hyperparams({"trainer": {"max_steps": 4}})
+    first.finalize("success")
+    again = ResumableMLFlowLogger(experiment_name="gptlab", tracking_uri=uri, run_id=first.run_id)
+    again.log_hyperparams({"trainer": {"max_steps": 6}, "seed": 1})
+    run = mlflow.MlflowClient(uri).get_run(first.run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.params == {"trainer/max_steps": "4", "seed": "1"}
+
+
+def test_a_resumed_run_whose_mlflow_run_is_gone_starts_a_new_one(tmp_path: Path) -> None:
+    """Resumed against another store (or after the database was deleted), the run the
+    checkpoint names is not there: a new MLflow run rather than a failed resume."""
+    run_dir, _ = train(tmp_path, "job", "logger=mlflow")
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    _, record = train(
+        tmp_path,
+        "job",
+        "logger=mlflow",
+        f"resume={run_dir}",
+        "trainer.max_steps=6",
+        f"logger.mlflow.tracking_uri={elsewhere}",
+    )
+    assert record["status"] == "completed"
+    mlflow.set_tracking_uri(elsewhere)
+    (found,) = mlflow.search_runs(experiment_names=["gptlab"]).to_dict("records")
+    assert found["status"] == "FINISHED"
+    assert found["metrics.summary/steps"] == 6
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path) -> None:
+    """W&B gets the first start's run id back, so the resumed start's records (an offline
+    folder of their own) sync into the same run."""
+    run_dir, _ = train(tmp_path, "job", "logger=wandb")
+    train(tmp_path, "job", "logger=wandb", f"resume={run_dir}", "trainer.max_steps=6")
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    ids = {records.name for folder in folders for records in folder.glob("run-*.wandb")}
+    assert len(ids) == 1, ids
 
 
 def test_a_missing_logger_package_is_named_with_its_pip_command(

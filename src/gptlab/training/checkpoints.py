@@ -30,6 +30,8 @@ from gptlab.training.steps import optimizer_stepped
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 CHECKPOINT_SUFFIX = ".ckpt"
+# The checkpoint's entry for the ids of the MLflow and W&B runs the training logs to.
+LOGGER_RUNS = "logger_runs"
 
 # Which model settings a checkpoint and a run may disagree on. What the weights compute must
 # always match; how they are laid out only when the state is restored as is (resume), since
@@ -165,8 +167,10 @@ def read_checkpoint(path: Path, what: str, instead: str) -> dict[str, Any]:
             f"truncated, e.g. copied or cut off before it was complete; {instead}"
         ) from None
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if "state_dict" not in checkpoint or "model" not in hparams or "name" not in hparams.get(
-        "tokenizer", {}
+    if (
+        "state_dict" not in checkpoint
+        or "model" not in hparams
+        or "name" not in hparams.get("tokenizer", {})
     ):
         raise ConfigError(
             f"{what} is not a gptlab checkpoint: it lacks the state_dict and the model and "
@@ -262,6 +266,8 @@ class SavedRun:
     model: dict[str, Any]
     tokenizer: dict[str, Any]
     hyper_parameters: dict[str, Any]
+    # The MLflow and W&B runs it logged to, by logger (`mlflow`, `wandb`), to continue.
+    logger_runs: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def read(cls, path: str | Path) -> SavedRun:
@@ -269,7 +275,8 @@ class SavedRun:
         path = Path(path)
         checkpoint = read_checkpoint(path, f"Checkpoint {path}", other_checkpoints(path))
         hparams = checkpoint["hyper_parameters"]
-        return cls(path, hparams["model"], hparams["tokenizer"], hparams)
+        runs = checkpoint.get(LOGGER_RUNS, {})
+        return cls(path, hparams["model"], hparams["tokenizer"], hparams, runs)
 
     def check_fits(self, model: dict[str, Any], tokenizer: str) -> None:
         """The config asks for the model this checkpoint holds (resume: layout included)."""

@@ -1,25 +1,29 @@
 """The `logger` group beyond building it: each logger's packages, arguments and tracking server
-checked before any data loads, calls home switched off, and the run's summary and end handed to
-every logger.
+checked before any data loads, calls home switched off, the run's summary and end handed to
+every logger, and a resumed run logging into the MLflow and W&B runs its first start opened.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 from hydra.utils import get_object
-from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from gptlab.errors import ConfigError
 from gptlab.schema import check_arguments
 from gptlab.training.records import RunRecord
+
+log = logging.getLogger(__name__)
 
 # Loggers that hand the keyword arguments they do not take to a class or function of their own.
 FORWARDED_ARGUMENTS = {
@@ -38,9 +42,14 @@ OFFLINE_ENVIRONMENT = {"MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_ERROR_REPORTIN
 TRACKING_TIMEOUT_S = 5.0
 
 
+def for_class(table: Mapping[type, Any], target: type, default: Any = None) -> Any:
+    """`table`'s entry for `target` or the nearest class it derives from."""
+    return next((table[cls] for cls in target.__mro__ if cls in table), default)
+
+
 def passed_on(target: type) -> Callable[..., Any] | None:
     """What a logger hands the keyword arguments it does not take to, if anything."""
-    name = FORWARDED_ARGUMENTS.get(target)
+    name = for_class(FORWARDED_ARGUMENTS, target)
     return get_object(name) if name else None
 
 
@@ -48,8 +57,8 @@ def check_logger(key: str, target: type, values: dict[str, Any]) -> None:
     """A logger's packages, arguments and tracking server, checked before any data loads:
     Lightning would fail only when the logger first writes, and MLflow's client retries a
     server that does not answer for minutes."""
-    extra, modules = LOGGER_EXTRAS.get(target, ("", []))
-    uri = values.get("tracking_uri") if target is MLFlowLogger else None
+    extra, modules = for_class(LOGGER_EXTRAS, target, ("", []))
+    uri = values.get("tracking_uri") if issubclass(target, MLFlowLogger) else None
     if isinstance(uri, str) and uri.split(":")[0].split("+")[0] in DATABASE_SCHEMES:
         modules = [*modules, *DATABASE_MODULES]
     missing = next((m for m in modules if importlib.util.find_spec(m) is None), None)
@@ -98,3 +107,71 @@ def finish_wandb_run(trainer: L.Trainer, exit_code: int) -> None:
     ours = any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
     if ours and wandb is not None and wandb.run is not None:
         wandb.run.finish(exit_code=exit_code)
+
+
+def flat_hparams(
+    config: Mapping[str, Any], prefix: str = ""
+) -> dict[str, bool | int | float | str]:
+    """Nested settings as the HParams tab takes them: `model/emb_dim` keys, scalar values."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flat_hparams(value, f"{name}/"))
+        else:
+            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
+    return flat
+
+
+class ResumableMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger for a run that may be resumed into the MLflow run it opened.
+
+    MLflow keeps a parameter's first value and refuses another, which would end the run where
+    a resumed start changes a setting (`trainer.max_steps`, to train on). So a parameter the
+    run holds already is not logged again, and a continued run is marked running again.
+    """
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        run = self.experiment.get_run(self.run_id)
+        logged = run.data.params
+        if logged and run.info.status != "RUNNING":
+            self.experiment.update_run(self.run_id, status="RUNNING")
+        new = {key: value for key, value in flat_hparams(params).items() if key not in logged}
+        if new:
+            super().log_hyperparams(new)
+
+
+def logger_runs(loggers: Sequence[Logger]) -> dict[str, str]:
+    """The MLflow and W&B runs these loggers write to, for the checkpoint to keep, so that a
+    resumed run continues them (other ranks' loggers have none)."""
+    runs: dict[str, str] = {}
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger) and logger.run_id:
+            runs.setdefault("mlflow", logger.run_id)
+        elif isinstance(logger, WandbLogger) and logger.version:
+            runs.setdefault("wandb", logger.version)
+    return runs
+
+
+def continuing(target: type, values: Mapping[str, Any], runs: Mapping[str, str]) -> dict[str, Any]:
+    """The arguments that make a logger of a resumed run continue the run its checkpoint
+    names, unless the config names a run itself. A run the MLflow store no longer holds (the
+    store was moved or deleted) gives way to a new run, with a warning."""
+    if issubclass(target, MLFlowLogger) and values.get("run_id") is None and "mlflow" in runs:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            MlflowClient(values.get("tracking_uri")).get_run(runs["mlflow"])
+        except MlflowException:
+            log.warning(
+                "The MLflow run %s that this run logged to is not in %s: a new run starts.",
+                runs["mlflow"],
+                values.get("tracking_uri"),
+            )
+            return {}
+        return {"run_id": runs["mlflow"]}
+    if issubclass(target, WandbLogger) and values.get("id") is None and "wandb" in runs:
+        return {"id": runs["wandb"], "resume": "allow"}
+    return {}

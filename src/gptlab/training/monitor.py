@@ -25,6 +25,7 @@ from gptlab.inference.generation import check_sampling, continue_prompt, encode_
 from gptlab.jobs import swept_hparams
 from gptlab.model.gpt import build_model, count_parameters
 from gptlab.training.flops import peak_flops, training_flops_per_batch
+from gptlab.training.loggers import flat_hparams
 from gptlab.training.plots import plot_losses
 from gptlab.training.sharding import is_sharded, whole_state_dict
 from gptlab.training.steps import is_final_step, optimizer_stepped
@@ -353,15 +354,3 @@ def log_text(logger: Logger, key: str, text: str, step: int) -> None:
         logger.log_text(key, columns=["step", "text"], data=[[step, text]], step=step)
     elif isinstance(logger, MLFlowLogger):
         logger.experiment.log_text(logger.run_id, text, f"{key}/step_{step:06d}.md")
-
-
-def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Nested settings as the HParams tab takes them: `model/emb_dim` keys, scalar values."""
-    flat: dict[str, bool | int | float | str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, f"{name}/"))
-        else:
-            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
-    return flat

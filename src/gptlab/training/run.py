@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from gptlab.runs import owned, requeued_checkpoint
 from gptlab.schema import check_arguments
 from gptlab.training.callbacks import checkpoint_callback
 from gptlab.training.checkpoints import (
+    LOGGER_RUNS,
     AtomicCheckpointIO,
     SavedRun,
     checkpoint_to_resume,
@@ -42,7 +43,14 @@ from gptlab.training.checkpoints import (
     saved_step,
 )
 from gptlab.training.flops import device_name
-from gptlab.training.loggers import OFFLINE_ENVIRONMENT, check_logger, finish_wandb_run, log_summary
+from gptlab.training.loggers import (
+    OFFLINE_ENVIRONMENT,
+    check_logger,
+    continuing,
+    finish_wandb_run,
+    log_summary,
+    logger_runs,
+)
 from gptlab.training.module import GPTLightningModule, check_vocab_size
 from gptlab.training.monitor import TrainingMonitor, inference_model
 from gptlab.training.records import RunRecord, error_line, status_of, write_run_record
@@ -100,8 +108,11 @@ def run_to_resume(cfg: DictConfig, run_dir: Path) -> SavedRun | None:
     return SavedRun.read(ckpt_path) if ckpt_path else None
 
 
-def instantiate_group(cfg: DictConfig, group: str) -> list:
-    """A group's objects (callbacks, loggers), each built by Hydra from its `_target_`.
+def instantiate_group(
+    cfg: DictConfig, group: str, arguments: Mapping[str, dict[str, Any]] | None = None
+) -> list:
+    """A group's objects (callbacks, loggers), each built by Hydra from its `_target_` with
+    any further `arguments` given for its `group.name`.
 
     A constructor's own complaint about its arguments becomes one paragraph naming the node;
     gptlab's ConfigError stays as it is.
@@ -111,7 +122,7 @@ def instantiate_group(cfg: DictConfig, group: str) -> list:
         if node is None:
             continue
         try:
-            built.append(instantiate(node))
+            built.append(instantiate(node, **(arguments or {}).get(f"{group}.{name}", {})))
         except InstantiationException as err:
             cause = err.__cause__
             if isinstance(cause, ConfigError):
@@ -168,7 +179,11 @@ def build_trainer(
         callbacks.append(recorder)
     for name, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    loggers = instantiate_group(cfg, "logger")
+    runs = resumed.logger_runs if resumed is not None else {}
+    continued = {
+        key: continuing(target, values, runs) for key, target, values in group_nodes(cfg, "logger")
+    }
+    loggers = instantiate_group(cfg, "logger", continued)
     try:
         return L.Trainer(**options, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -258,6 +273,11 @@ class RunRecorder(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_summary(trainer, self.record("completed"))
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[LOGGER_RUNS] = logger_runs(trainer.loggers)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
