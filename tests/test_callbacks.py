@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +17,11 @@ from conftest import cpu_trainer
 from gptlab.errors import NonFiniteLossError, StoppedBeforeTraining
 from gptlab.model.tokenizers import CharTokenizer
 from gptlab.training.benchmark import random_batches
-from gptlab.training.callbacks import FinalValidation, GracefulInterrupt, NonFiniteLossGuard
+from gptlab.training.callbacks import (
+    FinalValidation,
+    GracefulInterrupt,
+    NonFiniteLossGuard,
+)
 from gptlab.training.module import GPTLightningModule
 
 
@@ -106,3 +112,32 @@ def test_ctrl_c_during_the_untrained_validation_stops_before_training(tmp_path: 
         trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     assert trainer.global_step == 0
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class FailsAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("a failure mid-training")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["completes", "fails"])
+def test_ctrl_c_interrupts_the_caller_again_after_fit(tmp_path: Path, fails: bool) -> None:
+    """In a notebook or any in-process use, Ctrl-C must interrupt the caller once fit is over,
+    however it ended, not request a stop from a finished run."""
+    trainer = cpu_trainer(
+        tmp_path,
+        max_steps=4,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        callbacks=[GracefulInterrupt(), *([FailsAtStep(2)] if fails else [])],
+    )
+    loader = random_batches(16, 8, batch_size=2, n=8)
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        trainer.fit(tiny_module(lr=1e-3), train_dataloaders=loader)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs at the next bytecode; this sleep is not reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

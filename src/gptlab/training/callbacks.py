@@ -212,6 +212,8 @@ class GracefulInterrupt(Callback):
     def __init__(self) -> None:
         self.requested: int | None = None
         self._training = False
+        self._installed = False
+        # The handlers these replaced, by signal, given back when fit ends.
         self._previous_handlers: dict[int, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -223,11 +225,15 @@ class GracefulInterrupt(Callback):
             signum = getattr(signal, name, None)
             if signum is not None:
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        self._installed = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._training = True
 
     def _request_stop(self, signum: int, frame: Any) -> None:
+        if not self._installed:
+            self._pass_on(signum, frame)
+            return
         if not self._training:
             raise StoppedBeforeTraining(signum)
         if self.requested is not None:
@@ -263,9 +269,25 @@ class GracefulInterrupt(Callback):
         self._restore_handlers()
 
     def _restore_handlers(self) -> None:
+        if not self._installed:
+            return
         for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._installed = False
+
+    def _pass_on(self, signum: int, frame: Any) -> None:
+        """A signal after fit: Lightning's signal connector, which found this handler installed
+        when fit began, puts it back once fit ends by an exception. The handler it replaced
+        (Python's KeyboardInterrupt for Ctrl-C in a notebook) gets its place and the signal."""
+        handler = self._previous_handlers.get(signum)
+        if handler is None:
+            return
+        signal.signal(signum, handler)
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
 
 
 def requeue_slurm_job() -> str | None:
