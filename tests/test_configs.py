@@ -96,7 +96,7 @@ def test_default_callbacks_and_logger_instantiate(compose_train_config, tmp_path
     cfg = compose_train_config()
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
     assert callbacks["checkpoint"].monitor == "val/loss"
-    assert callbacks["checkpoint"].save_last
+    assert callbacks["checkpoint"].every_n_steps == 100
     logger = instantiate(cfg.logger.tensorboard)
     assert Path(logger.log_dir) == tmp_path, "events in the run directory, named after it"
 

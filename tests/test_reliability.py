@@ -25,10 +25,12 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from conftest import REPO_ROOT, TINY_RUN, run_script, script_env
-from gptlab.atomic import remove_stale_temporaries
+from conftest import REPO_ROOT, TINY_RUN, cpu_trainer, run_script, script_env
+from gptlab.atomic import link_replacing, remove_stale_temporaries
 from gptlab.runs import claim_new_dir
-from gptlab.training.checkpoints import AtomicCheckpointIO
+from gptlab.training.benchmark import random_batches
+from gptlab.training.checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO, RunCheckpoint
+from test_callbacks import tiny_module
 from test_resume import curve
 
 QUICK_RUN = tuple(o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "trainer.val_")))
@@ -84,6 +86,96 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(
     monkeypatch.undo()
     assert saved_step(path) == 1
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_link_that_cannot_be_made_changes_nothing(tmp_path: Path) -> None:
+    """link_replacing's False (no hard links here, or the source gone) leaves the target as
+    it was, and no temporary file, for the caller to write it instead."""
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"kept")
+    assert not link_replacing(tmp_path / "gone.ckpt", target)
+    assert target.read_bytes() == b"kept"
+    assert list(tmp_path.iterdir()) == [target]
+    source = tmp_path / "best.ckpt"
+    source.write_bytes(b"new")
+    assert link_replacing(source, target)
+    assert target.samefile(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+class RecordingIO(AtomicCheckpointIO):
+    """gptlab's writer, noting each file it writes and the step it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[str, int]] = []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.writes.append((Path(path).name, checkpoint["global_step"]))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def checkpointed_fit(
+    tmp_path: Path, every_n_steps: int | None, val_every: int, accumulation: int = 1, **kwargs
+) -> tuple[RunCheckpoint, RecordingIO]:
+    """8 optimizer steps of a tiny model on 4 batches that it also validates on, so that its
+    val loss falls; last.ckpt every `every_n_steps`, validations every `val_every` steps."""
+    checkpoint = RunCheckpoint(
+        dirpath=str(tmp_path / "checkpoints"),
+        every_n_steps=every_n_steps,
+        filename="best-step{step}",
+        auto_insert_metric_name=False,
+        monitor="val/loss",
+        **kwargs,
+    )
+    io = RecordingIO()
+    trainer = cpu_trainer(
+        tmp_path,
+        max_steps=8,
+        val_check_interval=val_every * accumulation,
+        check_val_every_n_epoch=None,
+        accumulate_grad_batches=accumulation,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint],
+        plugins=[io],
+    )
+    loader = random_batches(16, 8, batch_size=2, n=4)
+    trainer.fit(tiny_module(lr=1e-2), train_dataloaders=loader, val_dataloaders=loader)
+    return checkpoint, io
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_each_step_is_written_once_and_last_is_a_link_to_a_new_best(
+    tmp_path: Path, accumulation: int
+) -> None:
+    """A checkpoint of GPT-2 small takes seconds to write: the step save that a validation
+    follows, and last.ckpt beside a best file of the same step, would write it three times."""
+    checkpoint, io = checkpointed_fit(
+        tmp_path, every_n_steps=2, val_every=4, accumulation=accumulation
+    )
+    assert io.writes == [
+        ("last.ckpt", 2),
+        ("best-step4.ckpt", 4),
+        ("last.ckpt", 6),
+        ("best-step8.ckpt", 8),
+    ]
+    last = tmp_path / "checkpoints" / LAST_CHECKPOINT
+    assert last.samefile(checkpoint.best_model_path)
+    assert saved_step(last) == 8
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_last_holds_every_validation_whether_or_not_it_improved(tmp_path: Path) -> None:
+    """mode=max on a falling loss: only the first validation is a best, yet last.ckpt follows
+    every validation, which a Ctrl-C right after one must not lose."""
+    checkpoint, io = checkpointed_fit(tmp_path, every_n_steps=None, val_every=2, mode="max")
+    assert Path(checkpoint.best_model_path).name == "best-step2.ckpt"
+    assert io.writes == [
+        ("best-step2.ckpt", 2),
+        ("last.ckpt", 4),
+        ("last.ckpt", 6),
+        ("last.ckpt", 8),
+    ]
 
 
 def test_stale_temporaries_are_removed_by_the_next_owner(tmp_path: Path) -> None:

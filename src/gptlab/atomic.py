@@ -55,6 +55,25 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         write(f)
 
 
+def link_replacing(source: Path, path: Path) -> bool:
+    """Make `path` a second name of the file `source` (a hard link: no byte is written),
+    replacing `path` atomically; False, with nothing changed, where the filesystem has no hard
+    links (or `source` is gone), so the caller writes instead."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_directory(path.parent)
+    return True
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 

@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from gptlab.atomic import atomic_write
+from gptlab.atomic import atomic_write, link_replacing
 from gptlab.checks import check_count
 from gptlab.errors import ConfigError
 from gptlab.jobs import SWEEP_FILE
@@ -24,7 +24,7 @@ from gptlab.model.gpt import GPTConfig
 from gptlab.model.pretrained import read_failure
 from gptlab.model.tokenizers import Tokenizer
 from gptlab.training.records import read_run_record
-from gptlab.training.steps import optimizer_stepped
+from gptlab.training.steps import optimizer_stepped, validates_after_step
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -93,12 +93,15 @@ class RunCheckpoint(ModelCheckpoint):
     `last.ckpt` is written every `every_n_steps` optimizer steps, after each validation, when
     training ends, and by `save_last_now` (an interrupt), so a kill loses at most
     `every_n_steps` steps. Lightning's own step-triggered saves wait for the monitored metric,
-    so the step saves are made here. A run directory moved since the checkpoint was written
-    keeps its best score and paths, rebased to where the directory now is.
+    so the step saves are made here. Each step's state is written once: a step save is left
+    to the validation that follows it, and after a validation that saved a new best,
+    `last.ckpt` is a hard link to that file. A run directory moved since the checkpoint was
+    written keeps its best score and paths, rebased to where the directory now is.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int | None = 100, **kwargs: Any) -> None:
-        super().__init__(dirpath=dirpath, save_last=True, enable_version_counter=False, **kwargs)
+        # Lightning's own last.ckpt follows a validation only when it saved a new best.
+        super().__init__(dirpath=dirpath, save_last=False, enable_version_counter=False, **kwargs)
         if every_n_steps is not None:
             check_count(
                 "callbacks.checkpoint.every_n_steps",
@@ -116,9 +119,20 @@ class RunCheckpoint(ModelCheckpoint):
     def save_last_now(self, trainer: L.Trainer) -> Path:
         """Write `last.ckpt` for the optimizer step just taken (once per step)."""
         if self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.last_path, weights_only=False)
-            self._saved_step = trainer.global_step
+            self._write_last(trainer)
         return self.last_path
+
+    def _write_last(self, trainer: L.Trainer, same_as: Path | None = None) -> None:
+        """`last.ckpt` for this step, linked to `same_as` (a checkpoint of this very step) where
+        the filesystem has hard links. Every rank takes part: saving gathers sharded state."""
+        linked = False
+        if same_as is not None:
+            linked = trainer.strategy.broadcast(
+                trainer.is_global_zero and link_replacing(same_as, self.last_path)
+            )
+        if not linked:
+            trainer.save_checkpoint(self.last_path, weights_only=False)
+        self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -126,13 +140,17 @@ class RunCheckpoint(ModelCheckpoint):
             self.every_n_steps
             and optimizer_stepped(trainer, batch_idx)
             and trainer.global_step % self.every_n_steps == 0
+            and not validates_after_step(trainer)
         ):
             self.save_last_now(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        best = self.best_model_path
         super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._saved_step = trainer.global_step
+        if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fast_dev_run:
+            return
+        new_best = self.best_model_path if self.best_model_path != best else None
+        self._write_last(trainer, same_as=Path(new_best) if new_best else None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)

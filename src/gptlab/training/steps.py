@@ -16,6 +16,20 @@ def val_interval_in_steps(trainer: L.Trainer) -> int | None:
     return interval // trainer.accumulate_grad_batches if isinstance(interval, int) else None
 
 
+def validates_after_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates after the optimizer step just taken: every
+    `val_check_interval` micro-batches, counted over the run as gptlab sets it
+    (`check_val_every_n_epoch=None`). False where that cannot be told (a fraction of an epoch).
+    """
+    interval = val_interval_in_steps(trainer)
+    return (
+        bool(interval)
+        and trainer.check_val_every_n_epoch is None
+        and trainer.enable_validation
+        and trainer.global_step % interval == 0
+    )
+
+
 def optimizer_stepped(trainer: L.Trainer, batch_idx: int) -> bool:
     """Whether the batch that just ended completed an optimizer step (the last one accumulated)."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (
