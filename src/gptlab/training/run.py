@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -175,6 +175,9 @@ def build_trainer(
     if not options.get("enable_progress_bar", True):
         # trainer.enable_progress_bar=false alone turns the bar off, as Lightning users expect.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # callbacks.checkpoint=null: Lightning would add its own, saving at every epoch's end.
+        options.setdefault("enable_checkpointing", False)
     if recorder is not None:
         callbacks.append(recorder)
     for name, value in OFFLINE_ENVIRONMENT.items():
