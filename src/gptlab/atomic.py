@@ -42,6 +42,16 @@ def replacing(path: Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    put_in_place(tmp, path)
+
+
+def put_in_place(tmp: Path, path: Path) -> None:
+    """Rename the complete `tmp` over `path` and make the rename durable; `tmp` is removed if
+    the rename fails."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -65,12 +75,7 @@ def link_replacing(source: Path, path: Path) -> bool:
         os.link(source, tmp)
     except OSError:
         return False
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sync_directory(path.parent)
+    put_in_place(tmp, path)
     return True
 
 
