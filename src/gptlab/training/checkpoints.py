@@ -155,7 +155,7 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.strategy.broadcast(saved_step(self.last_path) != trainer.global_step):
-            trainer.save_checkpoint(self.last_path, weights_only=False)
+            self._write_last(trainer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_dir = state_dict.get("dirpath")
